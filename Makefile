@@ -1,0 +1,31 @@
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint serve bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[train,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) lint
+	$(VENV)/bin/pytest -q
+
+serve: $(STAMP)
+	$(PY) -m service --host 0.0.0.0 --port 8000
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.export_speed
+	$(PY) -m benchmarks.postprocess_speed
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
