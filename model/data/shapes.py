@@ -9,7 +9,7 @@ elongated ellipses, dots); objects sometimes coloured close to the background; s
 the objects; overlapping objects whose masks are the exact visible pixels (later shapes occlude
 earlier ones; nearly hidden instances are dropped rather than kept as unlearnable slivers).
 
-CLI: ``python -m model.data.shapes --out DIR --num N --seed S`` writes DIR/images/*.jpg and
+CLI: ``python -m model.data.shapes --out DIR --num N --seed S`` writes DIR/images/*.png and
 DIR/instances.json (RLE segmentations, iscrowd 0, category ids 1..4).
 """
 
@@ -242,12 +242,12 @@ def coco_annotations(sample: Sample, first_id: int) -> list[dict]:
     return anns
 
 
-def write_coco(out: str | os.PathLike, num: int, seed: int, image_format: str = "jpg") -> Path:
+def write_coco(out: str | os.PathLike, num: int, seed: int, image_format: str = "png") -> Path:
     """Write `num` images to out/images/ and out/instances.json; returns the JSON path.
 
-    JPEG (quality 95) by default: small files and realistic compression noise; masks stay exact as
-    they come from the generator, not from the pixels. The JSON is written last via a temporary file
-    so a half-finished run never looks like a complete data set.
+    PNG by default so files hold exactly the streamed pixels (a model trained on the stream is then
+    evaluated on the same distribution); "jpg" (quality 95) for smaller files. The JSON is written
+    last via a temporary file so a half-finished run never looks like a complete data set.
     """
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder (images/ and instances.json)")
     parser.add_argument("--num", type=int, required=True, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="data set seed; use a fresh one for validation")
-    parser.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image file format")
+    parser.add_argument("--format", choices=("png", "jpg"), default="png", help="image file format")
     args = parser.parse_args(argv)
     path = write_coco(args.out, args.num, args.seed, args.format)
     print(f"wrote {args.num} images to {path.parent} ({path.name})")
