@@ -1,0 +1,292 @@
+"""COCO box and mask AP of a model on a COCO-format data set, with pycocotools' COCOeval.
+
+The numbers users compare against papers and other tools come from COCOeval, so this module does not
+compute AP itself: it turns model outputs into COCO results (xywh boxes, RLE masks at the original image
+size) and hands them to COCOeval. The same path serves an exported ONNX file (ONNX Runtime) and a
+training checkpoint (PyTorch), since both take and return the tensors of CONTRACT.md.
+
+CLI: ``python -m model.evaluate --checkpoint model.onnx|ckpt.pt --data DIR [--out results.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
+EVAL_SCORE_THRESHOLD = 0.05  # the usual COCO-evaluation threshold: AP rewards low-score recall
+
+# (images uint8 [B, 3, H, W], image_sizes int64 [B, 2]) -> CONTRACT.md outputs as numpy arrays.
+Predictor = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+
+
+def _results_coco(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
+    """A COCO object of results for one IoU type.
+
+    As Detectron2 does, box evaluation drops the masks and mask evaluation drops the boxes: otherwise
+    loadRes replaces predicted boxes with the masks' boxes, and mask areas with box areas. An empty
+    result list (which loadRes rejects) gives an empty COCO, so "no detections" scores 0, not an error.
+    """
+    drop = "segmentation" if iou_type == "bbox" else "bbox"
+    results = [{k: v for k, v in r.items() if k != drop} for r in results]
+    if results:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return coco_gt.loadRes(results)
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": copy.deepcopy(coco_gt.dataset["images"]),
+                       "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])), "annotations": []}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt.createIndex()
+    return coco_dt
+
+
+def evaluate_predictions(coco_gt: COCO, results: list[dict],
+                         iou_types: Iterable[str] = IOU_TYPES) -> dict[str, dict[str, float]]:
+    """COCOeval AP / AP50 / AP75 / APs / APm / APl per IoU type ("bbox", "segm").
+
+    `results` is the COCO results format: image_id, category_id, score, bbox [x, y, w, h], and for masks
+    `segmentation` as RLE. A metric COCOeval cannot define (e.g. no small objects) is NaN.
+    """
+    metrics: dict[str, dict[str, float]] = {}
+    for iou_type in iou_types:
+        coco_dt = _results_coco(coco_gt, results, iou_type)
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        metrics[iou_type] = {name: float(v) if v >= 0 else math.nan
+                             for name, v in zip(METRICS, evaluator.stats[: len(METRICS)], strict=True)}
+    return metrics
+
+
+def format_table(metrics: dict[str, dict[str, float]]) -> str:
+    """A small fixed-width table, one row per IoU type, AP values in percent."""
+    lines = [f"{'':6}" + "".join(f"{m:>8}" for m in METRICS)]
+    for iou_type, row in metrics.items():
+        lines.append(f"{iou_type:6}" + "".join(f"{100 * row[m]:8.2f}" for m in METRICS))
+    return "\n".join(lines)
+
+
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
+                threshold: float = 0.5) -> np.ndarray:
+    """Binary full-image masks uint8 [D, height, width] from M x M probabilities and boxes in image pixels.
+
+    Follows torchvision's paste_masks_in_image: the M x M mask is padded by one pixel and its box grown
+    to match, so the bilinear resize does not clip the object's border; work per mask is proportional
+    to its box.
+    """
+    out = np.zeros((len(masks), height, width), np.uint8)
+    if len(masks) == 0:
+        return out
+    m = masks.shape[-1]
+    padded = np.pad(masks.astype(np.float32), ((0, 0), (1, 1), (1, 1)))
+    scale = (m + 2) / m
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * scale
+    grown = np.concatenate([centre - half, centre + half], axis=1).astype(np.int64)
+    for i, (x0, y0, x1, y1) in enumerate(grown):
+        w, h = max(int(x1 - x0 + 1), 1), max(int(y1 - y0 + 1), 1)
+        resized = cv2.resize(padded[i], (w, h), interpolation=cv2.INTER_LINEAR)
+        cx0, cy0 = max(int(x0), 0), max(int(y0), 0)
+        cx1, cy1 = min(int(x1) + 1, width), min(int(y1) + 1, height)
+        if cx1 <= cx0 or cy1 <= cy0:
+            continue
+        out[i, cy0:cy1, cx0:cx1] = resized[cy0 - y0: cy1 - y0, cx0 - x0: cx1 - x0] > threshold
+    return out
+
+
+def label_to_category(model_names: list[str], coco_gt: COCO) -> dict[int, int]:
+    """Map model labels to the data set's category ids: by name when every model class exists in the
+    data set, else by position (label i -> i-th category id in sorted order)."""
+    by_name = {c["name"]: c["id"] for c in coco_gt.dataset.get("categories", [])}
+    names = model_names[1:]
+    if names and all(n in by_name for n in names):
+        return {i + 1: by_name[n] for i, n in enumerate(names)}
+    return {i + 1: c for i, c in enumerate(sorted(coco_gt.getCatIds()))}
+
+
+def to_coco_results(outputs: dict[str, np.ndarray], b: int, image_id: int, orig_size: tuple[int, int],
+                    resized: tuple[int, int], cat_of_label: dict[int, int]) -> list[dict]:
+    """COCO results of image b of a batch: boxes mapped back to original pixels, masks pasted there."""
+    n = int(outputs["num_detections"][b])
+    h, w = orig_size
+    sy, sx = resized[0] / h, resized[1] / w
+    boxes = outputs["boxes"][b, :n].astype(np.float64) / np.array([sx, sy, sx, sy])
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+    masks = paste_masks(outputs["masks"][b, :n], boxes, h, w)
+    results = []
+    for k in range(n):
+        label = int(outputs["labels"][b, k])
+        if label not in cat_of_label:
+            continue
+        rle = mask_utils.encode(np.asfortranarray(masks[k]))
+        x0, y0, x1, y1 = (float(v) for v in boxes[k])
+        results.append({"image_id": int(image_id), "category_id": cat_of_label[label],
+                        "score": float(outputs["scores"][b, k]), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")}})
+    return results
+
+
+class OnnxPredictor:
+    """An exported graph run with ONNX Runtime; reads class names and the size policy from metadata.
+
+    Interim: the service's runtime wrapper will replace this once it exists, so evaluation measures
+    exactly what is served.
+    """
+
+    def __init__(self, path: str | os.PathLike, score_threshold: float | None = EVAL_SCORE_THRESHOLD) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.class_names: list[str] = json.loads(meta["class_names"])
+        self.min_size, self.max_size = int(meta["min_size"]), int(meta["max_size"])
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.score_threshold = score_threshold
+
+    def __call__(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {"images": images, "image_sizes": image_sizes.astype(np.int64)}
+        if self.score_threshold is not None and "score_threshold" in self.input_names:
+            feeds["score_threshold"] = np.full(len(images), self.score_threshold, np.float32)
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, feeds), strict=True))
+
+
+class TorchPredictor:
+    """A checkpoint written by model.train, rebuilt with build_model and run in eval mode."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu",
+                 score_threshold: float | None = EVAL_SCORE_THRESHOLD) -> None:
+        import torch
+
+        from model.train import load_model_from_checkpoint
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.model, ckpt = load_model_from_checkpoint(path, self.device)
+        cfg = ckpt["config"]
+        self.class_names: list[str] = list(ckpt["class_names"])
+        self.min_size, self.max_size = int(cfg["min_size"]), int(cfg["max_size"])
+        self.score_threshold = score_threshold
+
+    def __call__(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self.torch
+        thr = None
+        if self.score_threshold is not None:
+            thr = torch.full((len(images),), self.score_threshold, dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(images).to(self.device),
+                             torch.from_numpy(image_sizes).to(self.device), score_threshold=thr)
+        return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+def load_predictor(checkpoint: str | os.PathLike, device: str = "cpu",
+                   score_threshold: float | None = EVAL_SCORE_THRESHOLD) -> OnnxPredictor | TorchPredictor:
+    """ONNX Runtime for .onnx files, PyTorch for anything else (a model.train checkpoint)."""
+    if str(checkpoint).endswith(".onnx"):
+        return OnnxPredictor(checkpoint, score_threshold)
+    return TorchPredictor(checkpoint, device, score_threshold)
+
+
+def predict_dataset(predictor: OnnxPredictor | TorchPredictor, dataset, batch_size: int = 1,
+                    limit: int | None = None, progress: bool = True) -> list[dict]:
+    """Run the predictor over a CocoDataset at the predictor's size policy; COCO results for all images."""
+    from model.data.coco import DetectionDataset, collate
+
+    prepared = DetectionDataset(dataset, predictor.min_size, predictor.max_size, train=False)
+    cat_of_label = label_to_category(predictor.class_names, dataset.coco)
+    n = len(prepared) if limit is None else min(limit, len(prepared))
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="evaluate", unit="batch", file=sys.stderr)
+    results: list[dict] = []
+    for start in starts:
+        batch = collate([prepared[i] for i in range(start, min(start + batch_size, n))])
+        outputs = predictor(batch.images.numpy(), batch.image_sizes.numpy())
+        for b, (image_id, orig) in enumerate(zip(batch.image_ids, batch.orig_sizes, strict=True)):
+            resized = tuple(int(v) for v in batch.image_sizes[b])
+            results += to_coco_results(outputs, b, image_id, orig, resized, cat_of_label)
+    return results
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, batch_size: int = 1,
+                        device: str = "cpu", limit: int | None = None,
+                        score_threshold: float | None = EVAL_SCORE_THRESHOLD) -> dict:
+    """Evaluate an ONNX file or training checkpoint on a COCO folder; returns a JSON-ready report."""
+    from model.data.coco import CocoDataset
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        dataset = CocoDataset(data)
+    predictor = load_predictor(checkpoint, device, score_threshold)
+    results = predict_dataset(predictor, dataset, batch_size, limit)
+    coco_gt = dataset.coco
+    if limit is not None:  # evaluate on the predicted subset only
+        coco_gt = subset_coco(coco_gt, dataset.image_ids[:limit])
+    metrics = evaluate_predictions(coco_gt, results)
+    return {"checkpoint": str(checkpoint), "data": str(data), "num_images": len(coco_gt.getImgIds()),
+            "num_detections": len(results), "min_size": predictor.min_size, "max_size": predictor.max_size,
+            "score_threshold": score_threshold, "metrics": metrics}
+
+
+def subset_coco(coco_gt: COCO, image_ids: list[int]) -> COCO:
+    """A ground-truth COCO restricted to some images (for --limit)."""
+    keep = set(image_ids)
+    sub = COCO()
+    sub.dataset = {**coco_gt.dataset, "images": [i for i in coco_gt.dataset["images"] if i["id"] in keep],
+                   "annotations": [a for a in coco_gt.dataset["annotations"] if a["image_id"] in keep]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        sub.createIndex()
+    return sub
+
+
+def _json_safe(obj):
+    """NaN is not JSON: write null for metrics COCOeval could not define."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    return obj
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="COCO box and mask AP of an ONNX file or a checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="model .onnx file or model.train checkpoint")
+    parser.add_argument("--data", required=True, help="COCO folder: images/ and instances.json")
+    parser.add_argument("--out", help="write the metrics as JSON here")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="for PyTorch checkpoints: cpu or cuda")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument("--score-threshold", type=float, default=EVAL_SCORE_THRESHOLD)
+    args = parser.parse_args(argv)
+    report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.device, args.limit,
+                                 args.score_threshold)
+    print(format_table(report["metrics"]))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(_json_safe(report), indent=2))
+        os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main()
