@@ -1,0 +1,1 @@
+"""Torch-free inference service: ONNX Runtime, dynamic batching, FastAPI."""
