@@ -168,6 +168,17 @@ def _paint(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, colou
     canvas[ys, xs] = colour[None, :] + shade[:, None]
 
 
+def occlude(masks: np.ndarray) -> np.ndarray:
+    """Visible parts of stacked shapes [N, H, W] drawn in order: each mask loses every pixel that a later
+    shape covers, so a mask is exactly what can be seen of its object."""
+    if len(masks) < 2:
+        return masks.copy()
+    covered_after = np.logical_or.accumulate(masks[::-1].astype(bool), axis=0)[::-1]
+    visible = masks.copy()
+    visible[:-1] &= ~covered_after[1:]
+    return visible
+
+
 def generate(seed: int, index: int) -> Sample:
     """Draw image `index` of the data set with this seed. Labels are category ids 1..4 (also the
     contiguous labels, as the categories are contiguous); image_id is index + 1."""
@@ -175,8 +186,7 @@ def generate(seed: int, index: int) -> Sample:
     h, w = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
     short = min(h, w)
     canvas = _background(rng, h, w)
-    masks: list[np.ndarray] = []
-    full_areas: list[int] = []
+    full: list[np.ndarray] = []
     labels: list[int] = []
     for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
         label = int(rng.integers(0, len(CLASS_NAMES)))
@@ -184,21 +194,19 @@ def generate(seed: int, index: int) -> Sample:
         cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
         mask = _shape_mask(CLASS_NAMES[label], h, w, cx, cy, r, float(rng.uniform(0, 2 * math.pi)), rng)
         _paint(rng, canvas, mask, _object_colour(rng, canvas, cx, cy))
-        for earlier in masks:  # the new shape hides what lies under it
-            earlier &= 1 - mask
-        masks.append(mask)
-        full_areas.append(int(mask.sum()))
+        full.append(mask)
         labels.append(label + 1)
     sigma = float(rng.uniform(0, 18))
     if sigma > 1:
         canvas += rng.normal(0, sigma, size=canvas.shape).astype(np.float32)
     image = np.clip(canvas, 0, 255).astype(np.uint8)
-    keep = [i for i, m in enumerate(masks)
-            if (a := int(m.sum())) >= MIN_VISIBLE_PIXELS and a >= MIN_VISIBLE_FRACTION * full_areas[i]]
-    mask_arr = np.stack([masks[i] for i in keep]) if keep else np.zeros((0, h, w), np.uint8)
-    return Sample(image=image, boxes=boxes_from_masks(mask_arr),
-                  labels=np.asarray([labels[i] for i in keep], dtype=np.int64), masks=mask_arr,
-                  image_id=index + 1)
+    full_arr = np.stack(full)
+    visible = occlude(full_arr).astype(np.uint8)
+    area, full_area = visible.sum(axis=(1, 2)), full_arr.sum(axis=(1, 2))
+    keep = (area >= MIN_VISIBLE_PIXELS) & (area >= MIN_VISIBLE_FRACTION * full_area)
+    visible = visible[keep]
+    return Sample(image=image, boxes=boxes_from_masks(visible),
+                  labels=np.asarray(labels, dtype=np.int64)[keep], masks=visible, image_id=index + 1)
 
 
 class ShapesDataset:
