@@ -1,0 +1,719 @@
+"""Deployment tests: the compose topology run natively, with the real servers, on loopback.
+
+The containers of docker-compose.yml are reproduced as processes on 127.0.0.1:
+- two service replicas (`python -m service --model ... --host 127.0.0.1 --port P`),
+- nginx started with docker/nginx.conf, rewriting only the upstream addresses, the listen address and
+  the /tmp and log paths (nginx is run with `-p <tmpdir>`, so it needs no root and writes nothing
+  outside the temporary directory),
+- Prometheus started with docker/prometheus.yml, the DNS discovery of the replicas replaced by their
+  loopback addresses and the storage in a temporary directory.
+
+The servers come from Debian's packages (scripts/install_deploy_deps.sh); a test is skipped only when
+its binary is missing. All traffic goes to 127.0.0.1 and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+httpx = pytest.importorskip("httpx")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+NGINX_CONF = DOCKER / "nginx.conf"
+PROMETHEUS_YML = DOCKER / "prometheus.yml"
+DASHBOARD = DOCKER / "grafana" / "dashboards" / "mrcnn.json"
+DATASOURCE_YML = DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD_PROVIDER_YML = DOCKER / "grafana" / "provisioning" / "dashboards" / "mrcnn.yml"
+
+# Names exported by service/ (prometheus-client).
+REQUESTS_TOTAL = "mrcnn_requests_total"
+METRICS = [
+    "mrcnn_request_duration_seconds",
+    "mrcnn_queue_wait_seconds",
+    "mrcnn_inference_duration_seconds",
+    "mrcnn_batch_size",
+    "mrcnn_queue_depth",
+    REQUESTS_TOTAL,
+    "mrcnn_detections_total",
+]
+
+STARTUP_TIMEOUT_S = 90.0
+REQUEST_TIMEOUT_S = 60.0
+
+
+def _binary(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"):
+        p = Path(d) / name
+        if p.is_file() and os.access(p, os.X_OK):
+            return str(p)
+    return None
+
+
+NGINX = _binary("nginx")
+PROMETHEUS = _binary("prometheus")
+PROMTOOL = _binary("promtool")
+COMPOSE = _binary("docker-compose")
+
+_INSTALL_HINT = "(scripts/install_deploy_deps.sh installs it)"
+needs_nginx = pytest.mark.skipif(NGINX is None, reason=f"nginx binary not found {_INSTALL_HINT}")
+needs_prometheus = pytest.mark.skipif(
+    PROMETHEUS is None, reason=f"prometheus binary not found {_INSTALL_HINT}"
+)
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason=f"promtool binary not found {_INSTALL_HINT}")
+needs_compose = pytest.mark.skipif(COMPOSE is None, reason=f"docker-compose binary not found {_INSTALL_HINT}")
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _clean_env() -> dict[str, str]:
+    """The environment for child processes: no proxies (loopback only), no inherited MRCNN_ settings."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.lower().endswith("_proxy") and not k.startswith("MRCNN_")
+    }
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _client(timeout: float = REQUEST_TIMEOUT_S) -> httpx.Client:
+    return httpx.Client(timeout=timeout, trust_env=False)
+
+
+def _wait_http(url: str, proc: subprocess.Popen | None, timeout: float, log: Path | None = None) -> None:
+    """Poll url until it answers 200; fail early if proc exits."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    with _client(timeout=5.0) as c:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+                pytest.fail(f"process for {url} exited with {proc.returncode}:\n{tail}")
+            try:
+                r = c.get(url)
+                if r.status_code == 200:
+                    return
+                last = f"HTTP {r.status_code}"
+            except httpx.HTTPError as e:
+                last = repr(e)
+            time.sleep(0.2)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    pytest.fail(f"{url} not ready after {timeout:.0f}s ({last}):\n{tail}")
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+class Replica:
+    """One service process on 127.0.0.1."""
+
+    def __init__(self, model: Path, workdir: Path, name: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"{name}.log"
+        self._log_fh = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model", str(model), "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            cwd=ROOT, env=_clean_env(), stdout=self._log_fh, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self) -> None:
+        _wait_http(self.url + "/readyz", self.proc, STARTUP_TIMEOUT_S, self.log)
+
+    def served(self) -> int:
+        """Requests this replica has answered, by its own /metrics."""
+        with _client(timeout=10.0) as c:
+            r = c.get(self.url + "/metrics")
+        r.raise_for_status()
+        return round(_metric_sum(r.text, REQUESTS_TOTAL))
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        _stop(self.proc, sig)
+        self._log_fh.close()
+
+
+def _metric_sum(text: str, sample_name: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == sample_name:
+                total += sample.value
+    return total
+
+
+def _world_readable_tmpdir(prefix: str) -> Path:
+    """A temp dir that nginx's workers (user nobody when started as root) can traverse."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    d.chmod(0o755)
+    return d
+
+
+# ---- configuration rewrites (only addresses and paths) -------------------------------------------
+
+
+def rewrite_nginx_conf(text: str, upstream_ports: list[int], listen_port: int, prefix: Path) -> str:
+    """docker/nginx.conf for loopback: upstream servers, listen address, /tmp and log paths."""
+
+    def upstream(m: re.Match) -> str:
+        body = m.group(2)
+        servers = re.findall(r"^\s*server\s+\S+([^;]*);", body, flags=re.M)
+        assert len(servers) == 1, f"expected one templated upstream server line, got {servers}"
+        # `resolve` is for Docker's DNS name; loopback addresses are literal.
+        params = " ".join(p for p in servers[0].split() if p != "resolve")
+        lines = "\n".join(f"        server 127.0.0.1:{p} {params};" for p in upstream_ports)
+        body = re.sub(r"^\s*server\s+\S+[^;]*;", lambda _m: lines, body, count=1, flags=re.M)
+        return m.group(1) + body + "}"
+
+    text, n = re.subn(r"(upstream\s+mrcnn\s*\{)(.*?)\}", upstream, text, flags=re.S)
+    assert n == 1, "docker/nginx.conf must define `upstream mrcnn`"
+    # Docker's DNS resolver address: nothing to resolve on loopback.
+    text = re.sub(r"^\s*resolver\s[^;]*;\n", "", text, flags=re.M)
+    text, n = re.subn(r"\blisten\s+8080\s*;", f"listen 127.0.0.1:{listen_port};", text)
+    assert n == 1, "docker/nginx.conf must listen on 8080"
+    text = text.replace("/tmp/", f"{prefix}/")
+    text = text.replace("/dev/stderr", str(prefix / "error.log"))
+    text = text.replace("/dev/stdout", str(prefix / "access.log"))
+    return text
+
+
+def rewrite_prometheus_yml(text: str, replica_ports: list[int], listen_port: int) -> str:
+    """docker/prometheus.yml for loopback: the replicas' DNS discovery becomes static targets."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == "dns_sd_configs:"]
+    assert len(starts) == 1, "docker/prometheus.yml must discover the replicas with one dns_sd_configs"
+    i = starts[0]
+    indent = len(lines[i]) - len(lines[i].lstrip())
+    j = i + 1
+    while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > indent):
+        j += 1
+    targets = ", ".join(f"'127.0.0.1:{p}'" for p in replica_ports)
+    pad = " " * indent
+    lines[i:j] = [f"{pad}static_configs:", f"{pad}  - targets: [{targets}]"]
+    out = "\n".join(lines) + "\n"
+    return out.replace("localhost:9090", f"127.0.0.1:{listen_port}")
+
+
+# ---- servers -------------------------------------------------------------------------------------
+
+
+class Nginx:
+    def __init__(self, upstream_ports: list[int]):
+        assert NGINX is not None
+        self.prefix = _world_readable_tmpdir("mrcnn-nginx-")
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        conf = self.prefix / "nginx.conf"
+        conf.write_text(rewrite_nginx_conf(NGINX_CONF.read_text(), upstream_ports, self.port, self.prefix))
+        self.access_log = self.prefix / "access.log"
+        self.error_log = self.prefix / "error.log"
+        check = subprocess.run(
+            [NGINX, "-t", "-p", str(self.prefix), "-c", str(conf), "-e", str(self.error_log)],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert check.returncode == 0, f"nginx -t rejected the config:\n{check.stderr}"
+        self.proc = subprocess.Popen(
+            [NGINX, "-p", str(self.prefix), "-c", str(conf), "-e", str(self.error_log),
+             "-g", "daemon off;"],
+            env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        _wait_http(self.url + "/lb-healthz", self.proc, 20.0, self.error_log)
+
+    def upstream_log(self) -> list[str]:
+        """The `upstream=` field of every access-log line (one address per attempt)."""
+        if not self.access_log.exists():
+            return []
+        return re.findall(r"upstream=(.*?) ustatus=", self.access_log.read_text(errors="replace"))
+
+    def stop(self) -> None:
+        _stop(self.proc, signal.SIGQUIT)
+        shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+class Prometheus:
+    def __init__(self, replica_ports: list[int], workdir: Path):
+        assert PROMETHEUS is not None
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = workdir / "prometheus.yml"
+        config.write_text(rewrite_prometheus_yml(PROMETHEUS_YML.read_text(), replica_ports, self.port))
+        self.log = workdir / "prometheus.log"
+        self._log_fh = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
+            cwd=workdir, env=_clean_env(), stdout=self._log_fh, stderr=subprocess.STDOUT,
+        )
+        _wait_http(self.url + "/-/ready", self.proc, 30.0, self.log)
+
+    def api(self, path: str, **params: str) -> dict:
+        with _client(timeout=10.0) as c:
+            r = c.get(self.url + "/api/v1/" + path, params=params)
+        body = r.json()
+        assert r.status_code == 200 and body.get("status") == "success", f"{path} {params}: {body}"
+        return body["data"]
+
+    def stop(self) -> None:
+        _stop(self.proc, signal.SIGTERM)
+        self._log_fh.close()
+
+
+# ---- traffic -------------------------------------------------------------------------------------
+
+
+def _png(seed: int, size: tuple[int, int] = (96, 128)) -> bytes:
+    rng = np.random.default_rng(seed)
+    h, w = size
+    img = np.full((h, w, 3), rng.integers(0, 255, 3), dtype=np.uint8)
+    # a few filled rectangles so the image is not plain noise
+    for _ in range(3):
+        y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+        img[y0 : y0 + h // 3, x0 : x0 + w // 3] = rng.integers(0, 255, 3)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+IMAGES = [_png(s) for s in range(4)]
+
+
+def _segment(client: httpx.Client, base_url: str, i: int) -> int | str:
+    try:
+        r = client.post(
+            base_url + "/segment",
+            files={"image": (f"img{i}.png", IMAGES[i % len(IMAGES)], "image/png")},
+        )
+    except httpx.HTTPError as e:
+        return repr(e)
+    if r.status_code == 200:
+        body = r.json()
+        assert isinstance(body, dict)
+    return r.status_code
+
+
+class Load:
+    """n POST /segment requests through base_url by `workers` threads; statuses in order."""
+
+    def __init__(self, base_url: str, n: int, workers: int = 4):
+        self.statuses: list[int | str | None] = [None] * n
+        self.done = 0
+        self._lock = threading.Lock()
+        self._next = itertools.count()
+        self._n = n
+        self._threads = [threading.Thread(target=self._work, args=(base_url,), daemon=True)
+                         for _ in range(workers)]
+
+    def _work(self, base_url: str) -> None:
+        with _client() as c:
+            while True:
+                with self._lock:
+                    i = next(self._next)
+                if i >= self._n:
+                    return
+                self.statuses[i] = _segment(c, base_url, i)
+                with self._lock:
+                    self.done += 1
+
+    def start(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def wait_done(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.done < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.done >= count, f"only {self.done}/{count} requests done after {timeout:.0f}s"
+
+    def join(self, timeout: float = 120.0) -> list[int | str | None]:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self._threads), "load threads did not finish"
+        return self.statuses
+
+
+# --------------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    d = _world_readable_tmpdir("mrcnn-deploy-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_onnx_model, workdir) -> Iterator[list[Replica]]:
+    started = [Replica(Path(tiny_onnx_model), workdir, f"replica{i}") for i in range(2)]
+    try:
+        for r in started:
+            r.wait_ready()
+        yield started
+    finally:
+        for r in started:
+            r.stop()
+
+
+@pytest.fixture(scope="module")
+def lb(replicas) -> Iterator[Nginx]:
+    if NGINX is None:
+        pytest.skip(f"nginx binary not found {_INSTALL_HINT}")
+    n = Nginx([r.port for r in replicas])
+    try:
+        yield n
+    finally:
+        n.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(replicas, workdir) -> Iterator[Prometheus]:
+    if PROMETHEUS is None:
+        pytest.skip(f"prometheus binary not found {_INSTALL_HINT}")
+    p = Prometheus([r.port for r in replicas], workdir)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture
+def spare_replica(tiny_onnx_model, workdir, request) -> Iterator[Replica]:
+    """A replica of its own, for the tests that kill or drain one."""
+    r = Replica(Path(tiny_onnx_model), workdir, f"spare-{request.node.name}")
+    try:
+        r.wait_ready()
+        yield r
+    finally:
+        r.stop(signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------------
+# config
+
+
+def _provisioned_datasource_uid() -> str:
+    m = re.search(r"^\s*uid:\s*['\"]?([\w-]+)", DATASOURCE_YML.read_text(), flags=re.M)
+    assert m, "the provisioned data source must have a fixed uid"
+    return m.group(1)
+
+
+def _dashboard_targets() -> list[tuple[str, dict]]:
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+    for panel in dash["panels"]:
+        for sub in [panel, *panel.get("panels", [])]:
+            for t in sub.get("targets", []):
+                out.append((sub["title"], t))
+    return out
+
+
+def _promql(expr: str) -> str:
+    """Grafana's template variables, substituted as Grafana does for the default selection."""
+    expr = expr.replace("$__rate_interval", "1m").replace("$__interval", "15s").replace("$instance", ".*")
+    assert "$" not in expr, f"unknown template variable in {expr}"
+    return expr
+
+
+@needs_compose
+def test_compose_config_accepted(tmp_path):
+    env = _clean_env()
+    for files in (["docker-compose.yml"], ["docker-compose.yml", "docker/compose.gpu.yml"]):
+        args = [COMPOSE, *itertools.chain.from_iterable(("-f", f) for f in files), "config"]
+        res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, f"{' '.join(args)}:\n{res.stderr}"
+        assert "replicas: 2" in res.stdout
+        services = subprocess.run([*args, "--services"], cwd=ROOT, env=env, capture_output=True,
+                                  text=True, timeout=60)
+        assert services.returncode == 0, services.stderr
+        assert set(services.stdout.split()) == {"mrcnn", "lb", "prometheus", "grafana"}
+    gpu = res.stdout
+    assert "VARIANT: gpu" in gpu and "CUDAExecutionProvider" in gpu and "driver: nvidia" in gpu
+    # Scaling is a variable away.
+    env["MRCNN_REPLICAS"] = "3"
+    res = subprocess.run([COMPOSE, "config"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "replicas: 3" in res.stdout, res.stderr
+
+
+def test_dashboard_json_uses_provisioned_datasource():
+    uid = _provisioned_datasource_uid()
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] and dash["title"]
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    assert len(panels) >= 8
+    for panel in panels:
+        assert panel.get("datasource", {}).get("uid") == uid, f"panel {panel['title']!r}"
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        for t in panel["targets"]:
+            assert t.get("datasource", {}).get("uid") == uid, f"panel {panel['title']!r} {t['refId']}"
+            assert t["expr"].strip()
+    for var in dash.get("templating", {}).get("list", []):
+        if var.get("type") == "query":
+            assert var["datasource"]["uid"] == uid
+    # What the issue asks the dashboard to show, per replica and in total.
+    exprs = [t["expr"] for _, t in _dashboard_targets()]
+    joined = "\n".join(exprs)
+    for metric in METRICS:
+        assert metric in joined, f"no panel uses {metric}"
+    for q in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({q}, sum by (le) (rate(mrcnn_request_duration_seconds_bucket" in joined
+        assert f"histogram_quantile({q}, sum by (instance, le) (rate(mrcnn_request_duration_seconds" in joined
+    assert "sum by (instance) (rate(mrcnn_requests_total" in joined
+    assert "sum(rate(mrcnn_requests_total" in joined
+    assert "sum by (status)" in joined and "sum by (instance, status)" in joined
+    # The provider loads the directory compose mounts the dashboard into.
+    provider = DASHBOARD_PROVIDER_YML.read_text()
+    compose = (ROOT / "docker-compose.yml").read_text()
+    m = re.search(r"^\s*path:\s*(\S+)", provider, flags=re.M)
+    assert m and f"./docker/grafana/dashboards:{m.group(1)}" in compose
+
+
+@needs_promtool
+def test_prometheus_config_valid(tmp_path):
+    res = subprocess.run([PROMTOOL, "check", "config", str(PROMETHEUS_YML)], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rewritten = tmp_path / "prometheus.yml"
+    rewritten.write_text(rewrite_prometheus_yml(PROMETHEUS_YML.read_text(), [18001, 18002], 19090))
+    res = subprocess.run([PROMTOOL, "check", "config", str(rewritten)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = rewritten.read_text()
+    assert "'127.0.0.1:18001', '127.0.0.1:18002'" in text and "dns_sd_configs:" not in text
+
+
+def _nginx_directive(conf: str, name: str) -> list[str]:
+    return [m.strip() for m in re.findall(rf"^\s*{name}\s+([^;]*);", conf, flags=re.M)]
+
+
+def _seconds(value: str) -> float:
+    m = re.fullmatch(r"(\d+)(ms|s|m)?", value)
+    assert m, value
+    return int(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+
+
+def _bytes(value: str) -> int:
+    m = re.fullmatch(r"(\d+)([kKmMgG])?", value)
+    assert m, value
+    return int(m.group(1)) * {None: 1, "k": 1024, "m": 1024**2, "g": 1024**3}[
+        m.group(2).lower() if m.group(2) else None]
+
+
+@needs_nginx
+def test_nginx_config_policy():
+    """Least connections, passive health checks, retries elsewhere, limits matching the service's."""
+    conf = NGINX_CONF.read_text()
+    upstream = re.search(r"upstream\s+mrcnn\s*\{(.*?)\}", conf, flags=re.S).group(1)
+    assert re.search(r"^\s*least_conn\s*;", upstream, flags=re.M)
+    server = re.search(r"^\s*server\s+([^;]*);", upstream, flags=re.M).group(1)
+    assert "max_fails=" in server and "fail_timeout=" in server
+    retry = _nginx_directive(conf, "proxy_next_upstream")[0].split()
+    assert {"error", "timeout", "http_502", "http_503", "non_idempotent"} <= set(retry)
+    assert int(_nginx_directive(conf, "proxy_next_upstream_tries")[0]) >= 2
+    # The service's own defaults (service/settings.py): body limit equal, timeouts just above its deadline.
+    from service.settings import Settings
+
+    defaults = {name: f.default for name, f in Settings.model_fields.items()}
+    assert _bytes(_nginx_directive(conf, "client_max_body_size")[0]) == defaults["max_upload_bytes"]
+    deadline = defaults["request_timeout_s"]
+    for directive in ("proxy_read_timeout", "proxy_send_timeout", "proxy_next_upstream_timeout"):
+        value = _seconds(_nginx_directive(conf, directive)[0])
+        assert deadline < value <= deadline + 15, f"{directive} {value}s vs the service deadline {deadline}s"
+    # The rewritten config is what the process tests run: nginx itself must accept it.
+    prefix = _world_readable_tmpdir("mrcnn-nginx-check-")
+    try:
+        cfg = prefix / "nginx.conf"
+        cfg.write_text(rewrite_nginx_conf(conf, [18001, 18002], 18080, prefix))
+        res = subprocess.run([NGINX, "-t", "-p", str(prefix), "-c", str(cfg), "-e", str(prefix / "e.log")],
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        text = cfg.read_text()
+        assert "server 127.0.0.1:18001 max_fails=" in text and "server 127.0.0.1:18002 max_fails=" in text
+        assert "listen 127.0.0.1:18080;" in text and "/tmp/" not in text.replace(str(prefix), "")
+    finally:
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+def test_dockerfile_runtime_stage():
+    """Multi-stage; the runtime stage: non-root, HEALTHCHECK on /healthz, demo model, no torch."""
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.split(r"^FROM\s+", text, flags=re.M)[1:]
+    names = [re.match(r"\S+\s+AS\s+(\S+)", s, flags=re.I).group(1) for s in stages]
+    assert {"builder", "runtime", "base-cpu", "base-gpu"} <= set(names)
+    assert names[-1] == "runtime"
+    runtime = stages[-1]
+    assert re.search(r"^USER\s+(?!root|0\b)\S+", runtime, flags=re.M)
+    assert re.search(r"^HEALTHCHECK\b.*?/healthz", runtime, flags=re.M | re.S)
+    assert "COPY --from=builder /opt/venv" in runtime
+    assert "MRCNN_MODEL_PATH=/opt/mrcnn/models/demo/model.onnx" in runtime
+    assert "build-essential" not in runtime and "gcc" not in runtime
+    # Only pyproject's core dependencies (+ onnxruntime-gpu) are installed: no `train` extra, no torch.
+    assert "[train" not in text and not re.search(r"pip install[^\n]*torch", text)
+    assert "['project']" in text and "p['dependencies']" in text
+    for arg in re.findall(r"^ARG\s+\w+_IMAGE=(\S+)", text, flags=re.M):
+        tag = arg.rsplit(":", 1)[-1]
+        assert ":" in arg and tag != "latest" and re.search(r"\d", tag), f"unpinned base image {arg}"
+    assert "onnxruntime-gpu" not in text or "optional-dependencies']['gpu']" in text
+    ignore = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()]
+    ignore = [ln for ln in ignore if ln and not ln.startswith("#")]
+    # An allow-list: everything excluded, then only what the image needs.
+    assert ignore[0] == "*" and "!service/" in ignore and "!models/demo/" in ignore
+    allowed = {ln.strip("!/") for ln in ignore if ln.startswith("!")}
+    assert not allowed & {".venv", ".git", "tests", "data"}
+
+
+# --------------------------------------------------------------------------------------------------
+# processes: topology, failover, monitoring
+
+
+def _all_ok(statuses: list[int | str | None]) -> None:
+    bad = {i: s for i, s in enumerate(statuses) if s != 200}
+    assert not bad, f"{len(bad)} of {len(statuses)} requests failed: {dict(list(bad.items())[:10])}"
+
+
+@needs_nginx
+def test_lb_spreads_requests_over_both_replicas(replicas, lb):
+    before = [r.served() for r in replicas]
+    statuses = Load(lb.url, 40, workers=4).start().join()
+    _all_ok(statuses)
+    served = [r.served() - b for r, b in zip(replicas, before, strict=True)]
+    assert sum(served) >= 40, served
+    assert all(s > 0 for s in served), f"a replica served nothing: {served}"
+    # /healthz and /readyz pass through the LB as well.
+    with _client(10.0) as c:
+        assert c.get(lb.url + "/healthz").status_code == 200
+        assert c.get(lb.url + "/readyz").status_code == 200
+
+
+@needs_nginx
+def test_failover_when_a_replica_is_killed(replicas, spare_replica):
+    survivor, victim = replicas[0], spare_replica
+    nginx = Nginx([survivor.port, victim.port])
+    try:
+        load = Load(nginx.url, 60, workers=4).start()
+        load.wait_done(12, timeout=60)
+        victim_served = victim.served()
+        victim.proc.kill()
+        victim.proc.wait(timeout=10)
+        killed_at = load.done
+        statuses = load.join()
+        _all_ok(statuses)
+        assert victim_served > 0, "the victim served nothing before it was killed"
+        assert killed_at < 60, "the stream was over before the kill"
+        # nginx retried at least one request on the survivor after failing on the killed replica.
+        victim_addr = f"127.0.0.1:{victim.port}"
+        retried = [u for u in nginx.upstream_log() if "," in u and u.split(",")[0].strip() == victim_addr]
+        assert retried, "no request was retried on the other replica"
+    finally:
+        nginx.stop()
+
+
+@needs_nginx
+def test_sigterm_drains_without_client_errors(replicas, spare_replica):
+    survivor, victim = replicas[0], spare_replica
+    nginx = Nginx([survivor.port, victim.port])
+    try:
+        load = Load(nginx.url, 60, workers=4).start()
+        load.wait_done(12, timeout=60)
+        victim_served = victim.served()
+        victim.proc.send_signal(signal.SIGTERM)
+        terminated_at = load.done
+        statuses = load.join()
+        _all_ok(statuses)
+        # A graceful exit, in well under the request deadline, not a crash.
+        rc = victim.proc.wait(timeout=30)
+        assert rc == 0, f"replica exited with {rc} after SIGTERM:\n{victim.log.read_text()[-2000:]}"
+        assert victim_served > 0
+        assert terminated_at < 60
+    finally:
+        nginx.stop()
+
+
+def _send_errors(base_url: str) -> list[int]:
+    """Requests the service must refuse: undecodable (400) and unsupported type (415)."""
+    with _client() as c:
+        undecodable = c.post(base_url + "/segment", files={"image": ("x.png", b"not an image", "image/png")})
+        unsupported = c.post(base_url + "/segment", content=b"%PDF-1.4",
+                             headers={"content-type": "application/pdf"})
+    return [undecodable.status_code, unsupported.status_code]
+
+
+@needs_nginx
+@needs_prometheus
+def test_prometheus_scrapes_replicas_and_dashboard_queries_return_data(replicas, lb, prometheus):
+    # Every replica is a target of its own (scraped directly, not through the LB), and up.
+    wanted = {f"127.0.0.1:{r.port}" for r in replicas}
+    deadline = time.monotonic() + 30
+    while True:
+        targets = prometheus.api("targets")["activeTargets"]
+        health = {t["labels"]["instance"]: t["health"] for t in targets if t["labels"]["job"] == "mrcnn"}
+        if set(health) == wanted and all(h == "up" for h in health.values()):
+            break
+        assert time.monotonic() < deadline, f"replica targets not all up: {health}"
+        time.sleep(1)
+
+    _all_ok(Load(lb.url, 20, workers=4).start().join())
+    assert sorted(_send_errors(lb.url)) == [400, 415]
+
+    queries = [(title, _promql(t["expr"])) for title, t in _dashboard_targets()]
+    deadline = time.monotonic() + 45
+    while True:
+        empty = []
+        for title, expr in queries:
+            data = prometheus.api("query", query=expr)  # a PromQL error fails here
+            if not data["result"]:
+                empty.append((title, expr))
+        if not empty:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"{len(empty)} dashboard queries return no data: {empty}")
+        # Keep a trickle of traffic so that rates have samples on both sides of a scrape.
+        _all_ok(Load(lb.url, 4, workers=2).start().join())
+        time.sleep(2)
+    # Per-replica series exist for both replicas.
+    per_replica = prometheus.api("query", query=_promql(
+        f"sum by (instance) (rate({REQUESTS_TOTAL}{{instance=~\"$instance\"}}[$__rate_interval]))"))
+    assert {s["metric"]["instance"] for s in per_replica["result"]} == wanted
