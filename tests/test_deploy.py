@@ -511,6 +511,20 @@ def test_dashboard_json_uses_provisioned_datasource():
     assert m and f"./docker/grafana/dashboards:{m.group(1)}" in compose
 
 
+def test_dashboard_metrics_exist_in_the_service():
+    """Every metric the dashboard queries is one the service registers (service/metrics.py)."""
+    from service.metrics import Metrics
+
+    families = {f.name for f in Metrics().registry.collect()}
+    suffixes = ("", "_total", "_bucket", "_sum", "_count", "_info")
+    used = set(re.findall(r"\bmrcnn_\w+", "\n".join(t["expr"] for _, t in _dashboard_targets())))
+    assert used
+    exported = {f + sfx for f in families for sfx in suffixes}
+    assert not used - exported, f"dashboard queries metrics the service does not export: {used - exported}"
+    for metric in METRICS:
+        assert any(u == metric or u.startswith(metric + "_") for u in used), f"dashboard lacks {metric}"
+
+
 @needs_promtool
 def test_prometheus_config_valid(tmp_path):
     res = subprocess.run([PROMTOOL, "check", "config", str(PROMETHEUS_YML)], capture_output=True,
@@ -651,23 +665,73 @@ def test_failover_when_a_replica_is_killed(replicas, spare_replica):
         nginx.stop()
 
 
+def _big_jpeg(seed: int = 0, size: tuple[int, int] = (2400, 3200)) -> bytes:
+    """A large photo-like upload (still far below the body and pixel limits): slow enough to decode that
+    a request is reliably in flight when the replica gets SIGTERM."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    img = rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BILINEAR))
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+class _Probe(threading.Thread):
+    """One direct request to a replica (not through the LB), timed."""
+
+    def __init__(self, url: str, body: bytes):
+        super().__init__(daemon=True)
+        self.url, self.body = url, body
+        self.result: int | str | None = None
+        self.started = self.finished = 0.0
+
+    def run(self) -> None:
+        with _client() as c:
+            self.started = time.monotonic()
+            try:
+                self.result = c.post(self.url + "/segment", content=self.body,
+                                     headers={"content-type": "image/jpeg"}).status_code
+            except httpx.HTTPError as e:
+                self.result = repr(e)
+            self.finished = time.monotonic()
+
+
 @needs_nginx
 def test_sigterm_drains_without_client_errors(replicas, spare_replica):
     survivor, victim = replicas[0], spare_replica
+    big = _big_jpeg()
+    # How long one big request takes on this machine, to send SIGTERM while the next one is in flight.
+    warm = _Probe(victim.url, big)
+    warm.run()
+    assert warm.result == 200, warm.result
+    duration = warm.finished - warm.started
+
     nginx = Nginx([survivor.port, victim.port])
     try:
         load = Load(nginx.url, 60, workers=4).start()
         load.wait_done(12, timeout=60)
         victim_served = victim.served()
+        probe = _Probe(victim.url, big)
+        probe.start()
+        time.sleep(max(0.05, 0.3 * duration))
+        in_flight = probe.is_alive()
         victim.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
         terminated_at = load.done
         statuses = load.join()
+        probe.join(timeout=REQUEST_TIMEOUT_S)
+        # Clients of the LB never see the drain.
         _all_ok(statuses)
-        # A graceful exit, in well under the request deadline, not a crash.
-        rc = victim.proc.wait(timeout=30)
-        assert rc == 0, f"replica exited with {rc} after SIGTERM:\n{victim.log.read_text()[-2000:]}"
         assert victim_served > 0
-        assert terminated_at < 60
+        assert terminated_at < 60, "the stream was over before SIGTERM"
+        # The request the replica was working on when it got SIGTERM was answered, not dropped.
+        assert in_flight, f"probe finished before SIGTERM ({duration:.3f}s per request)"
+        assert probe.result == 200, f"in-flight request at SIGTERM got {probe.result}"
+        assert probe.finished > signalled
+        # And the replica exits by itself (uvicorn re-raises the handled SIGTERM after the drain).
+        rc = victim.proc.wait(timeout=40)
+        assert rc in (0, -signal.SIGTERM), f"replica exited with {rc}:\n{victim.log.read_text()[-2000:]}"
     finally:
         nginx.stop()
 
