@@ -199,6 +199,21 @@ def load_model_from_checkpoint(path: str | os.PathLike, device: torch.device | s
     return model.to(device).eval(), ckpt
 
 
+def get_rng_state() -> dict[str, object]:
+    """Torch RNG states: the model samples anchors and RoIs with the global generator, so an exact
+    resume needs them back."""
+    state: dict[str, object] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
 def _to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch.targets]
     return batch.images.to(device, non_blocking=True), batch.image_sizes.to(device), targets
@@ -223,16 +238,19 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step = int(ckpt["step"])
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
     dataset = DetectionDataset(source, cfg.train_min_sizes or cfg.min_size, cfg.max_size, train=True,
                                flip_prob=cfg.flip_prob, seed=cfg.seed)
     loader = DataLoader(dataset, batch_sampler=ResumableSampler(len(dataset), cfg.batch_size, cfg.seed, step),
-                        collate_fn=collate, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+                        collate_fn=collate, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global RNG untouched
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     def state() -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
-                "class_names": class_names}
+                "class_names": class_names, "rng": get_rng_state()}
 
     last = out_dir / "last.pt"
     model.train()
@@ -245,7 +263,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step + 1}: "
-                                         f"{ {k: float(v) for k, v in losses.items()} }")
+                                         f"{ {k: v.detach().item() for k, v in losses.items()} }")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -253,13 +271,14 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
             optimizer.step()
             scheduler.step()
             step += 1
-            values = {k: float(v) for k, v in losses.items()}
+            values = {k: v.detach().item() for k, v in losses.items()}
             bar.update(1)
-            bar.set_postfix({"loss": f"{float(loss):.3f}", **{k.removeprefix("loss_"): f"{v:.3f}"
+            total = loss.detach().item()
+            bar.set_postfix({"loss": f"{total:.3f}", **{k.removeprefix("loss_"): f"{v:.3f}"
                                                                  for k, v in values.items()}})
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "loss": float(loss), **values,
+                record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "loss": total, **values,
                           "seconds": round(elapsed, 3)}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
