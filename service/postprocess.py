@@ -107,13 +107,13 @@ def paste_local(
     padded_t = np.zeros((n, m + 2, m + 2), dtype=np.float32)
     padded_t[:, 1:-1, 1:-1] = masks.transpose(0, 2, 1)
     local = LocalMasks(buffer, offsets, cw, ch, x0, y0, (height, width))
-    thr = np.float32(threshold)
+    thr = np.float32(threshold)  # strictly above, like torchvision's `masks > 0.5`
     for i in np.flatnonzero(cw * ch).tolist():
         res = cv2.resize(padded_t[i], (int(bh[i]), int(bw[i])), interpolation=cv2.INTER_LINEAR)
         res = res.reshape(int(bw[i]), int(bh[i]))  # OpenCV may drop a unit axis
         cx, cy = int(x0[i] - ib[i, 0]), int(y0[i] - ib[i, 1])
         w, h = int(cw[i]), int(ch[i])
-        np.greater_equal(res[cx : cx + w, cy : cy + h], thr, out=local.block_t(i)[:, :h].view(bool))
+        np.greater(res[cx : cx + w, cy : cy + h], thr, out=local.block_t(i)[:, :h].view(bool))
     return local
 
 

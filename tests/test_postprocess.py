@@ -32,7 +32,7 @@ def _boxes(rng: np.random.Generator, n: int, height: int, width: int) -> np.ndar
 
 def _torchvision_masks(masks: np.ndarray, boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     pasted = roi_heads.paste_masks_in_image(torch.from_numpy(masks)[:, None], torch.from_numpy(boxes), size)
-    return (pasted[:, 0].numpy() >= 0.5).astype(np.uint8)
+    return (pasted[:, 0].numpy() > 0.5).astype(np.uint8)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

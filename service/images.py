@@ -1,0 +1,99 @@
+"""Image decoding for the service: bytes -> RGB uint8 [H, W, 3], with limits checked before decoding.
+
+Pillow reads only the header in ``Image.open``; the format and the pixel count are checked there, so
+a decompression bomb or an unsupported format costs nothing. Errors carry the HTTP status they map to.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Pillow format names we accept (MPO is a multi-picture JPEG, as phone cameras write).
+SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "TIFF"}
+SUPPORTED_TYPES = {
+    "image/jpeg",
+    "image/jpg",
+    "image/pjpeg",
+    "image/png",
+    "image/webp",
+    "image/bmp",
+    "image/x-bmp",
+    "image/x-ms-bmp",
+    "image/tiff",
+    "image/tif",
+}
+
+
+class ImageError(Exception):
+    """A request image problem; ``status`` is the HTTP code (400, 413, 415) and ``code`` a short slug."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def check_content_type(content_type: str | None) -> None:
+    """Refuse declared non-image types early (415); a missing or generic type is sniffed instead."""
+    if not content_type:
+        return
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype in ("application/octet-stream", "image/*"):
+        return
+    if ctype not in SUPPORTED_TYPES:
+        raise ImageError(415, "unsupported_media_type", f"unsupported content type {ctype!r}; "
+                         "send JPEG, PNG, WebP, BMP or TIFF")
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Any Pillow mode to RGB uint8; 16-bit and 32-bit integer data are scaled, not clipped."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im)
+        if im.mode == "I" and arr.max(initial=0) <= 255:
+            gray = arr.astype(np.uint8)
+        else:  # 16-bit range (Pillow loads 16-bit grayscale PNG/TIFF as I;16 or I)
+            gray = (np.clip(arr, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        gray = np.clip(np.asarray(im), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im)
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode JPEG/PNG/WebP/BMP/TIFF (first frame) to RGB uint8 [H, W, 3], EXIF orientation applied."""
+    if not data:
+        raise ImageError(400, "empty_image", "the image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(413, "image_too_large", "the image has too many pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise ImageError(400, "undecodable_image", "the data is not a decodable image") from None
+    if im.format not in SUPPORTED_FORMATS:
+        raise ImageError(415, "unsupported_media_type", f"unsupported image format {im.format}; "
+                         "send JPEG, PNG, WebP, BMP or TIFF")
+    width, height = im.size
+    if width * height > max_pixels:
+        raise ImageError(413, "image_too_large",
+                         f"the image has {width}x{height} pixels, more than the limit of {max_pixels}")
+    if width == 0 or height == 0:
+        raise ImageError(400, "empty_image", "the image has no pixels")
+    try:
+        im.seek(0)
+        im.load()
+        im = ImageOps.exif_transpose(im) or im
+        rgb = _to_rgb(im)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(400, "undecodable_image", f"the image could not be decoded ({exc})") from None
+    return np.ascontiguousarray(rgb)
+

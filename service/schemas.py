@@ -1,0 +1,92 @@
+"""Pydantic models of the HTTP API: responses (in the OpenAPI schema) and the /segment options."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Format = Literal["rle", "polygons"]
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class RLE(BaseModel):
+    """COCO compressed RLE, readable by ``pycocotools.mask.decode``."""
+
+    size: list[int] = Field(description="[height, width] of the image")
+    counts: str
+
+
+class Detection(BaseModel):
+    label: str
+    class_id: int
+    score: float
+    box: list[float] = Field(description="x1, y1, x2, y2 in the original image's pixels")
+    area: int = Field(description="Mask pixels")
+    mask: RLE | None = Field(None, description="Present when formats include rle")
+    polygons: list[list[float]] | None = Field(
+        None,
+        description="Outer contours (holes dropped) as COCO polygons x1, y1, x2, y2, ... in pixel "
+        "coordinates (pixel centres at +0.5); present when formats include polygons",
+    )
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    queue_ms: float
+    inference_ms: float
+    postprocess_ms: float
+    total_ms: float
+
+
+class SegmentResponse(BaseModel):
+    image: ImageInfo
+    model: ModelRef
+    batch_size: int = Field(description="Images in the ONNX Runtime call that served this request")
+    detections: list[Detection]
+    timings: Timings
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class SegmentOptions(BaseModel):
+    """Options of one request (query parameters, or form fields with multipart)."""
+
+    score_threshold: float = Field(ge=0.0, le=1.0)
+    max_detections: int | None = Field(None, ge=1)
+    classes: list[str] | None = None
+    formats: set[Format] = Field(default_factory=lambda: {"rle", "polygons"}, min_length=1)
+
+
+class ModelResponse(BaseModel):
+    name: str
+    version: str
+    architecture: str
+    classes: list[str] = Field(description="Class names without the background, in class_id order from 1")
+    mask_size: int
+    min_size: int
+    max_size: int
+    size_divisibility: int
+    detections_per_image: int
+    providers: list[str]
+    max_batch_size: int
+
+
+class Status(BaseModel):
+    status: str

@@ -1,0 +1,52 @@
+"""Service settings from the environment (prefix ``MRCNN_``), e.g. ``MRCNN_MAX_BATCH_SIZE=8``.
+
+One pydantic model so every knob is typed, validated at start and listed in one place; the Docker
+image and compose file set the same variables (``MRCNN_MODEL_PATH``, ``MRCNN_PROVIDERS``, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "demo" / "model.onnx"
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told; see the README for the variable names."""
+
+    model_config = SettingsConfigDict(env_prefix="MRCNN_", extra="ignore", protected_namespaces=())
+
+    model_path: Path = Field(DEFAULT_MODEL_PATH, description="The exported ONNX file to serve.")
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="ONNX Runtime execution providers in order of preference, comma-separated in the env.",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0: ORT's default).")
+    inter_op_threads: int = Field(1, ge=0, description="ORT inter-op threads (0: ORT's default).")
+    max_batch_size: int = Field(8, ge=1, description="Most images in one ORT call.")
+    max_batch_wait_ms: float = Field(5.0, ge=0, description="Longest a request waits for company.")
+    queue_capacity: int = Field(64, ge=1, description="Requests admitted at once; beyond, 503.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline; past it, 504.")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest body accepted (413).")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest width x height accepted (413).")
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Default detection score threshold.")
+    worker_threads: int = Field(2, ge=1, description="Threads for decoding and post-processing.")
+    warmup: bool = Field(True, description="Run one inference before reporting ready.")
+    drain_timeout_s: float = Field(30.0, ge=0, description="How long SIGTERM waits for in-flight work.")
+    drain_grace_s: float = Field(
+        0.0, ge=0, description="After SIGTERM, keep serving this long with /readyz at 503 before closing."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        """Accept ``CUDAExecutionProvider,CPUExecutionProvider`` as the Dockerfile writes it."""
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
