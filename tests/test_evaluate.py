@@ -117,3 +117,32 @@ def test_predict_dataset_maps_results_back(shapes_gt: Path) -> None:
     assert metrics["bbox"]["AP"] > 0.95  # boxes survive the resize round trip
     assert metrics["segm"]["AP50"] > 0.95 and metrics["segm"]["AP"] > 0.6  # 28x28 masks lose detail
     assert not math.isnan(metrics["segm"]["AP75"])
+
+
+def test_cli_on_an_untrained_checkpoint(shapes_gt: Path, tmp_path: Path, capsys) -> None:
+    """The PyTorch path end to end (checkpoint -> build_model -> predictions -> COCOeval -> JSON); an
+    untrained model must score near zero on the shapes."""
+    torch = pytest.importorskip("torch")
+    import dataclasses
+    import json
+
+    from model.evaluate import main
+    from model.train import TrainConfig, atomic_save, build
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(arch="r18_fpn", num_classes=5, min_size=96, max_size=128,
+                      model={"norm": "bn", "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50})
+    model, optimizer, scheduler = build(cfg, 5, torch.device("cpu"))
+    ckpt = tmp_path / "untrained.pt"
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "step": 0, "config": dataclasses.asdict(cfg),
+                 "class_names": ["__background__", "circle", "square", "triangle", "star"]}, ckpt)
+    out = tmp_path / "eval" / "results.json"
+    main(["--checkpoint", str(ckpt), "--data", str(shapes_gt), "--out", str(out), "--limit", "2",
+          "--batch-size", "2"])
+    assert "bbox" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["num_images"] == 2 and (report["min_size"], report["max_size"]) == (96, 128)
+    for iou_type in ("bbox", "segm"):
+        assert set(report["metrics"][iou_type]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+        assert report["metrics"][iou_type]["AP"] < 0.1
