@@ -48,15 +48,19 @@ def _results_coco(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
         with contextlib.redirect_stdout(io.StringIO()):
             return coco_gt.loadRes(results)
     coco_dt = COCO()
-    coco_dt.dataset = {"images": copy.deepcopy(coco_gt.dataset["images"]),
-                       "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])), "annotations": []}
+    coco_dt.dataset = {
+        "images": copy.deepcopy(coco_gt.dataset["images"]),
+        "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])),
+        "annotations": [],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt.createIndex()
     return coco_dt
 
 
-def evaluate_predictions(coco_gt: COCO, results: list[dict],
-                         iou_types: Iterable[str] = IOU_TYPES) -> dict[str, dict[str, float]]:
+def evaluate_predictions(
+    coco_gt: COCO, results: list[dict], iou_types: Iterable[str] = IOU_TYPES
+) -> dict[str, dict[str, float]]:
     """COCOeval AP / AP50 / AP75 / APs / APm / APl per IoU type ("bbox", "segm").
 
     `results` is the COCO results format: image_id, category_id, score, bbox [x, y, w, h], and for masks
@@ -70,8 +74,10 @@ def evaluate_predictions(coco_gt: COCO, results: list[dict],
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
-        metrics[iou_type] = {name: float(v) if v >= 0 else math.nan
-                             for name, v in zip(METRICS, evaluator.stats[: len(METRICS)], strict=True)}
+        metrics[iou_type] = {
+            name: float(v) if v >= 0 else math.nan
+            for name, v in zip(METRICS, evaluator.stats[: len(METRICS)], strict=True)
+        }
     return metrics
 
 
@@ -83,8 +89,7 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
-                threshold: float = 0.5) -> np.ndarray:
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float = 0.5) -> np.ndarray:
     """Binary full-image masks uint8 [D, height, width] from M x M probabilities and boxes in image pixels.
 
     Follows torchvision's paste_masks_in_image: the M x M mask is padded by one pixel and its box grown
@@ -107,7 +112,7 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
         cx1, cy1 = min(int(x1) + 1, width), min(int(y1) + 1, height)
         if cx1 <= cx0 or cy1 <= cy0:
             continue
-        out[i, cy0:cy1, cx0:cx1] = resized[cy0 - y0: cy1 - y0, cx0 - x0: cx1 - x0] > threshold
+        out[i, cy0:cy1, cx0:cx1] = resized[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] > threshold
     return out
 
 
@@ -121,8 +126,14 @@ def label_to_category(model_names: list[str], coco_gt: COCO) -> dict[int, int]:
     return {i + 1: c for i, c in enumerate(sorted(coco_gt.getCatIds()))}
 
 
-def to_coco_results(outputs: dict[str, np.ndarray], b: int, image_id: int, orig_size: tuple[int, int],
-                    resized: tuple[int, int], cat_of_label: dict[int, int]) -> list[dict]:
+def to_coco_results(
+    outputs: dict[str, np.ndarray],
+    b: int,
+    image_id: int,
+    orig_size: tuple[int, int],
+    resized: tuple[int, int],
+    cat_of_label: dict[int, int],
+) -> list[dict]:
     """COCO results of image b of a batch: boxes mapped back to original pixels, masks pasted there."""
     n = int(outputs["num_detections"][b])
     h, w = orig_size
@@ -138,9 +149,15 @@ def to_coco_results(outputs: dict[str, np.ndarray], b: int, image_id: int, orig_
             continue
         rle = mask_utils.encode(np.asfortranarray(masks[k]))
         x0, y0, x1, y1 = (float(v) for v in boxes[k])
-        results.append({"image_id": int(image_id), "category_id": cat_of_label[label],
-                        "score": float(outputs["scores"][b, k]), "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")}})
+        results.append(
+            {
+                "image_id": int(image_id),
+                "category_id": cat_of_label[label],
+                "score": float(outputs["scores"][b, k]),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+            }
+        )
     return results
 
 
@@ -172,8 +189,9 @@ class OnnxPredictor:
 class TorchPredictor:
     """A checkpoint written by model.train, rebuilt with build_model and run in eval mode."""
 
-    def __init__(self, path: str | os.PathLike, device: str = "cpu",
-                 score_threshold: float | None = EVAL_SCORE_THRESHOLD) -> None:
+    def __init__(
+        self, path: str | os.PathLike, device: str = "cpu", score_threshold: float | None = EVAL_SCORE_THRESHOLD
+    ) -> None:
         import torch
 
         from model.train import load_model_from_checkpoint
@@ -192,21 +210,30 @@ class TorchPredictor:
         if self.score_threshold is not None:
             thr = torch.full((len(images),), self.score_threshold, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
-            out = self.model(torch.from_numpy(images).to(self.device),
-                             torch.from_numpy(image_sizes).to(self.device), score_threshold=thr)
+            out = self.model(
+                torch.from_numpy(images).to(self.device),
+                torch.from_numpy(image_sizes).to(self.device),
+                score_threshold=thr,
+            )
         return {k: v.cpu().numpy() for k, v in out.items()}
 
 
-def load_predictor(checkpoint: str | os.PathLike, device: str = "cpu",
-                   score_threshold: float | None = EVAL_SCORE_THRESHOLD) -> OnnxPredictor | TorchPredictor:
+def load_predictor(
+    checkpoint: str | os.PathLike, device: str = "cpu", score_threshold: float | None = EVAL_SCORE_THRESHOLD
+) -> OnnxPredictor | TorchPredictor:
     """ONNX Runtime for .onnx files, PyTorch for anything else (a model.train checkpoint)."""
     if str(checkpoint).endswith(".onnx"):
         return OnnxPredictor(checkpoint, score_threshold)
     return TorchPredictor(checkpoint, device, score_threshold)
 
 
-def predict_dataset(predictor: OnnxPredictor | TorchPredictor, dataset, batch_size: int = 1,
-                    limit: int | None = None, progress: bool = True) -> list[dict]:
+def predict_dataset(
+    predictor: OnnxPredictor | TorchPredictor,
+    dataset,
+    batch_size: int = 1,
+    limit: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
     """Run the predictor over a CocoDataset at the predictor's size policy; COCO results for all images."""
     from model.data.coco import DetectionDataset, collate
 
@@ -228,9 +255,14 @@ def predict_dataset(predictor: OnnxPredictor | TorchPredictor, dataset, batch_si
     return results
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, batch_size: int = 1,
-                        device: str = "cpu", limit: int | None = None,
-                        score_threshold: float | None = EVAL_SCORE_THRESHOLD) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike,
+    batch_size: int = 1,
+    device: str = "cpu",
+    limit: int | None = None,
+    score_threshold: float | None = EVAL_SCORE_THRESHOLD,
+) -> dict:
     """Evaluate an ONNX file or training checkpoint on a COCO folder; returns a JSON-ready report."""
     from model.data.coco import CocoDataset
 
@@ -242,17 +274,27 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     if limit is not None:  # evaluate on the predicted subset only
         coco_gt = subset_coco(coco_gt, dataset.image_ids[:limit])
     metrics = evaluate_predictions(coco_gt, results)
-    return {"checkpoint": str(checkpoint), "data": str(data), "num_images": len(coco_gt.getImgIds()),
-            "num_detections": len(results), "min_size": predictor.min_size, "max_size": predictor.max_size,
-            "score_threshold": score_threshold, "metrics": metrics}
+    return {
+        "checkpoint": str(checkpoint),
+        "data": str(data),
+        "num_images": len(coco_gt.getImgIds()),
+        "num_detections": len(results),
+        "min_size": predictor.min_size,
+        "max_size": predictor.max_size,
+        "score_threshold": score_threshold,
+        "metrics": metrics,
+    }
 
 
 def subset_coco(coco_gt: COCO, image_ids: list[int]) -> COCO:
     """A ground-truth COCO restricted to some images (for --limit)."""
     keep = set(image_ids)
     sub = COCO()
-    sub.dataset = {**coco_gt.dataset, "images": [i for i in coco_gt.dataset["images"] if i["id"] in keep],
-                   "annotations": [a for a in coco_gt.dataset["annotations"] if a["image_id"] in keep]}
+    sub.dataset = {
+        **coco_gt.dataset,
+        "images": [i for i in coco_gt.dataset["images"] if i["id"] in keep],
+        "annotations": [a for a in coco_gt.dataset["annotations"] if a["image_id"] in keep],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         sub.createIndex()
     return sub
@@ -277,8 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--score-threshold", type=float, default=EVAL_SCORE_THRESHOLD)
     args = parser.parse_args(argv)
-    report = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.device, args.limit,
-                                 args.score_threshold)
+    report = evaluate_checkpoint(
+        args.checkpoint, args.data, args.batch_size, args.device, args.limit, args.score_threshold
+    )
     print(format_table(report["metrics"]))
     if args.out:
         out = Path(args.out)

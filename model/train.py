@@ -124,7 +124,7 @@ class ResumableSampler(Sampler[list[int]]):
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" picks CUDA when there is one, else the CPU."""
+    """ "auto" picks CUDA when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -140,8 +140,11 @@ def build(cfg: TrainConfig, num_classes: int, device: torch.device):
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=cfg.momentum)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     return model, optimizer, scheduler
 
@@ -228,8 +231,9 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
     class_names = list(source.class_names)
     cfg.num_classes = cfg.num_classes or len(class_names)
     if cfg.num_classes != len(class_names):
-        raise ValueError(f"num_classes {cfg.num_classes} != {len(class_names)} classes in the data "
-                         "(background included)")
+        raise ValueError(
+            f"num_classes {cfg.num_classes} != {len(class_names)} classes in the data (background included)"
+        )
     model, optimizer, scheduler = build(cfg, cfg.num_classes, device)
     step = 0
     if resume:
@@ -240,17 +244,29 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
         step = int(ckpt["step"])
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
-    dataset = DetectionDataset(source, cfg.train_min_sizes or cfg.min_size, cfg.max_size, train=True,
-                               flip_prob=cfg.flip_prob, seed=cfg.seed)
-    loader = DataLoader(dataset, batch_sampler=ResumableSampler(len(dataset), cfg.batch_size, cfg.seed, step),
-                        collate_fn=collate, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global RNG untouched
+    dataset = DetectionDataset(
+        source, cfg.train_min_sizes or cfg.min_size, cfg.max_size, train=True, flip_prob=cfg.flip_prob, seed=cfg.seed
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=ResumableSampler(len(dataset), cfg.batch_size, cfg.seed, step),
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )  # keeps the global RNG untouched
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     def state() -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
-                "class_names": class_names, "rng": get_rng_state()}
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "config": dataclasses.asdict(cfg),
+            "class_names": class_names,
+            "rng": get_rng_state(),
+        }
 
     last = out_dir / "last.pt"
     model.train()
@@ -262,8 +278,9 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
             losses = model(images, sizes, targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step + 1}: "
-                                         f"{ {k: v.detach().item() for k, v in losses.items()} }")
+                raise FloatingPointError(
+                    f"non-finite loss at step {step + 1}: { {k: v.detach().item() for k, v in losses.items()} }"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -274,12 +291,18 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
             values = {k: v.detach().item() for k, v in losses.items()}
             bar.update(1)
             total = loss.detach().item()
-            bar.set_postfix({"loss": f"{total:.3f}", **{k.removeprefix("loss_"): f"{v:.3f}"
-                                                                 for k, v in values.items()}})
+            bar.set_postfix(
+                {"loss": f"{total:.3f}", **{k.removeprefix("loss_"): f"{v:.3f}" for k, v in values.items()}}
+            )
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "loss": total, **values,
-                          "seconds": round(elapsed, 3)}
+                record = {
+                    "step": step,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "loss": total,
+                    **values,
+                    "seconds": round(elapsed, 3),
+                }
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
@@ -293,16 +316,24 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled,
-                file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="train",
+        unit="step",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     """Config = checkpoint's config (on resume) < config file < explicit flags."""
     parser = argparse.ArgumentParser(description="Train Mask R-CNN (COCO folder or synthetic shapes).")
     parser.add_argument("--config", help="JSON file with TrainConfig fields")
-    parser.add_argument("--resume", nargs="?", const="auto",
-                        help="continue from a checkpoint (default: OUT_DIR/last.pt)")
+    parser.add_argument(
+        "--resume", nargs="?", const="auto", help="continue from a checkpoint (default: OUT_DIR/last.pt)"
+    )
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -318,8 +349,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     values: dict = {}
     resume = args.resume
     file_values = json.loads(Path(args.config).read_text()) if args.config else {}
-    flag_values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                   if getattr(args, f.name) is not None}
+    flag_values = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None
+    }
     if resume == "auto":
         out_dir = flag_values.get("out_dir", file_values.get("out_dir", defaults.out_dir))
         resume = str(Path(out_dir) / "last.pt")

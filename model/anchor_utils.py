@@ -1,0 +1,33 @@
+"""Anchors for the FPN RPN (Mask R-CNN, section 3; FPN paper, section 4.1): one scale per level,
+32 to 512 pixels on P2 to P6, three aspect ratios each."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ANCHOR_SIZES = (32, 64, 128, 256, 512)
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+# Strides of P2..P6. They are nominal (2^level), which keeps anchors independent of how much an image
+# is padded; torchvision derives them as padded_size // feature_size, the same whenever the padded
+# size is a multiple of 64.
+FPN_STRIDES = (4, 8, 16, 32, 64)
+
+
+def cell_anchors(size: int, ratios: tuple[float, ...] = ASPECT_RATIOS) -> Tensor:
+    """The [A, 4] anchors centred on (0, 0), rounded like torchvision's AnchorGenerator."""
+    ratios_t = torch.as_tensor(ratios, dtype=torch.float32)
+    h_ratios = torch.sqrt(ratios_t)
+    w_ratios = 1 / h_ratios
+    ws = w_ratios * size
+    hs = h_ratios * size
+    return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+
+
+def grid_anchors(height: int, width: int, stride: int, cells: Tensor) -> Tensor:
+    """Anchors [H * W * A, 4] for a feature map, ordered (row, column, anchor) like the RPN outputs."""
+    shifts_x = torch.arange(width, dtype=torch.float32, device=cells.device) * stride
+    shifts_y = torch.arange(height, dtype=torch.float32, device=cells.device) * stride
+    sy, sx = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
+    shifts = torch.stack([sx, sy, sx, sy], dim=-1).reshape(-1, 1, 4)
+    return (shifts + cells.view(1, -1, 4)).reshape(-1, 4)

@@ -1,0 +1,110 @@
+"""ResNet-FPN backbone (Mask R-CNN, section 3.1 "Network Architecture"), padding-invariant.
+
+The layers are torchvision's (``torchvision.models.resnet*`` and ``FeaturePyramidNetwork``), so
+torchvision checkpoints load as they are. The forward pass is ours for one reason: images of a batch
+are zero-padded to a common size, and a convolution near an image's border would read the padding's
+activations (bias, batch-norm shift) instead of the zeros it reads when the image is alone. Zeroing
+everything outside each image's valid extent before every convolution wider than 1x1 (and before
+max-pooling) makes each image's features exactly those it has alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+# Architecture name -> torchvision ResNet depth.
+RESNET_DEPTHS = {"r18_fpn": 18, "r50_fpn": 50, "r101_fpn": 101}
+FPN_CHANNELS = 256
+
+
+def valid_extent(image_sizes: Tensor, stride: int) -> Tensor:
+    """Each image's valid feature-map size at ``stride`` [B, 2]: ceil(size / stride), as stride-2 convs give."""
+    return torch.div(image_sizes + (stride - 1), stride, rounding_mode="floor")
+
+
+def valid_mask(image_sizes: Tensor, stride: int, height: int, width: int, dtype: torch.dtype) -> Tensor:
+    """1 inside each image's valid region of a [B, C, height, width] map at ``stride``, else 0: [B, 1, H, W]."""
+    extent = valid_extent(image_sizes, stride)
+    rows = torch.arange(height, device=image_sizes.device)[None, :] < extent[:, 0:1]
+    cols = torch.arange(width, device=image_sizes.device)[None, :] < extent[:, 1:2]
+    return (rows[:, None, :, None] & cols[:, None, None, :]).to(dtype)
+
+
+class _Masker:
+    """Caches the valid-region mask per stride for one forward pass."""
+
+    def __init__(self, image_sizes: Tensor):
+        self.image_sizes = image_sizes
+        self.cache: dict[int, Tensor] = {}
+
+    def __call__(self, x: Tensor, stride: int) -> Tensor:
+        if stride not in self.cache:
+            self.cache[stride] = valid_mask(self.image_sizes, stride, x.shape[-2], x.shape[-1], x.dtype)
+        return x * self.cache[stride]
+
+
+def _bottleneck(block: Bottleneck, x: Tensor, mask: _Masker, stride: int) -> Tensor:
+    identity = x if block.downsample is None else block.downsample(x)
+    out = mask(block.relu(block.bn1(block.conv1(x))), stride)
+    out = block.relu(block.bn2(block.conv2(out)))
+    out = block.bn3(block.conv3(out))
+    return block.relu(out + identity)
+
+
+def _basic_block(block: BasicBlock, x: Tensor, mask: _Masker, stride: int) -> Tensor:
+    x = mask(x, stride)
+    identity = x if block.downsample is None else block.downsample(x)
+    out = mask(block.relu(block.bn1(block.conv1(x))), stride * block.stride)
+    out = block.bn2(block.conv2(out))
+    return block.relu(out + identity)
+
+
+class ResNetFPN(nn.Module):
+    """ResNet body (C2-C5) + FPN (P2-P5) + P6 by subsampling P5, as in torchvision's resnet_fpn_backbone."""
+
+    def __init__(self, arch: str = "r50_fpn", norm: str = "frozen_bn"):
+        super().__init__()
+        if arch not in RESNET_DEPTHS:
+            raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(RESNET_DEPTHS)}")
+        norm_layer = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}[norm]
+        body = getattr(torchvision.models, f"resnet{RESNET_DEPTHS[arch]}")(weights=None, norm_layer=norm_layer)
+        del body.fc, body.avgpool
+        self.body = body
+        widths = [64, 128, 256, 512]
+        expansion = 4 if RESNET_DEPTHS[arch] >= 50 else 1
+        self.fpn = FeaturePyramidNetwork([w * expansion for w in widths], FPN_CHANNELS)
+        self.block_forward = _bottleneck if expansion == 4 else _basic_block
+
+    def forward(self, x: Tensor, image_sizes: Tensor) -> list[Tensor]:
+        """Features [P2, P3, P4, P5, P6] of a padded batch, zero outside each image's valid region."""
+        mask = _Masker(image_sizes)
+        body = self.body
+        x = mask(body.relu(body.bn1(body.conv1(x))), 2)
+        x = body.maxpool(x)
+        stride = 4
+        stages = []
+        for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
+            for block in layer:
+                x = self.block_forward(block, x, mask, stride)
+                stride *= block.stride
+            stages.append(x)
+        return self._pyramid(stages, mask)
+
+    def _pyramid(self, stages: list[Tensor], mask: _Masker) -> list[Tensor]:
+        """FPN top-down pathway with lateral connections (FPN paper, section 3)."""
+        fpn = self.fpn
+        strides = [4, 8, 16, 32]
+        inner = fpn.inner_blocks[-1](stages[-1])
+        outputs = [mask(fpn.layer_blocks[-1](mask(inner, 32)), 32)]
+        for idx in range(len(stages) - 2, -1, -1):
+            lateral = fpn.inner_blocks[idx](stages[idx])
+            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
+            outputs.insert(0, mask(fpn.layer_blocks[idx](mask(inner, strides[idx])), strides[idx]))
+        outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
+        return outputs

@@ -1,0 +1,91 @@
+"""Mask R-CNN (He et al., arXiv 1703.06870): the top-level module and its builder.
+
+The forward pass reads like the paper: normalize -> backbone -> RPN -> RoI heads. In inference it
+takes exactly the tensors of the exported ONNX graph (a zero-padded uint8 batch and each image's real
+size) and returns its fixed-size outputs, so the PyTorch model and the ONNX file are one contract.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from model.backbone import ResNetFPN, valid_mask
+from model.roi_heads import RoIHeads
+from model.rpn import RegionProposalNetwork
+
+# torchvision's ImageNet statistics, applied to RGB in [0, 1].
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+class MaskRCNN(nn.Module):
+    def __init__(self, backbone: ResNetFPN, rpn: RegionProposalNetwork, roi_heads: RoIHeads):
+        super().__init__()
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images: Tensor, image_sizes: Tensor) -> Tensor:
+        """uint8 RGB -> normalized float, then zero outside each image (torchvision normalizes, then pads)."""
+        x = (images.float() / 255.0 - self.image_mean) / self.image_std
+        return x * valid_mask(image_sizes, 1, x.shape[-2], x.shape[-1], x.dtype)
+
+    def forward(
+        self,
+        images: Tensor,
+        image_sizes: Tensor,
+        targets: list[dict[str, Tensor]] | None = None,
+        score_threshold: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Training: the loss terms. Inference: boxes, scores, labels, masks, num_detections.
+
+        ``images`` uint8 [B, 3, H, W] zero-padded; ``image_sizes`` int64 [B, 2] real (height, width);
+        ``score_threshold`` float [B], optional per-image threshold above the model's own.
+        """
+        x = self.normalize(images, image_sizes)
+        features = self.backbone(x, image_sizes)
+        proposals, proposal_valid, rpn_losses = self.rpn(features, image_sizes, targets)
+        heads = self.roi_heads(features, proposals, proposal_valid, image_sizes, targets, score_threshold)
+        if self.training:
+            return {**rpn_losses, **heads}
+        return heads
+
+
+def build_model(
+    arch: str = "r50_fpn",
+    num_classes: int = 91,
+    norm: str = "frozen_bn",
+    aligned: bool = False,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    rpn_pre_nms_top_n_test: int = 1000,
+    rpn_post_nms_top_n_test: int = 1000,
+    rpn_pre_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_train: int = 2000,
+    box_batch_size_per_image: int = 512,
+) -> MaskRCNN:
+    """Mask R-CNN with a ResNet-FPN backbone (``r50_fpn``, ``r101_fpn`` or ``r18_fpn``).
+
+    Defaults are the paper's and torchvision's: ``norm="frozen_bn"`` for fine-tuning and torchvision
+    checkpoints, ``norm="bn"`` to train a backbone from scratch. ``aligned`` selects half-pixel
+    RoIAlign (Detectron2's ROIAlignV2); torchvision's checkpoints were trained with ``aligned=False``.
+    """
+    return MaskRCNN(
+        ResNetFPN(arch, norm),
+        RegionProposalNetwork(
+            pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
+            post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
+        ),
+        RoIHeads(
+            num_classes,
+            aligned=aligned,
+            batch_size_per_image=box_batch_size_per_image,
+            score_thresh=score_thresh,
+            nms_thresh=nms_thresh,
+            detections_per_img=detections_per_img,
+        ),
+    )

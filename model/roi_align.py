@@ -1,0 +1,223 @@
+"""RoIAlign (Mask R-CNN, section 3): the project's own custom op, and the multi-level FPN pooler.
+
+RoIAlign keeps RoI coordinates and bin edges unquantized, samples each bin at ``sampling_ratio``
+x ``sampling_ratio`` regularly spaced points with bilinear interpolation, and averages them.
+
+The op ``maskrcnn::roi_align`` is registered with ``torch.library`` so that
+
+* eager PyTorch runs a vectorized kernel (one ``grid_sample`` per image, no loop over RoIs),
+* autograd uses a registered backward (``maskrcnn::roi_align_backward``),
+* ``torch.export`` traces it through its fake implementation, and the ONNX exporter maps it to the
+  standard ONNX ``RoiAlign`` (see ``export/onnx_ops.py``).
+
+Boundary semantics follow torchvision's CPU/CUDA kernels (and ONNX Runtime's): a sample further
+than one pixel outside the feature map contributes zero, one within a pixel of the border is clamped
+to the border. ``grid_sample`` with ``padding_mode="border"`` and ``align_corners=True`` clamps the
+same way, so the only extra step is zeroing the far-outside samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Spatial scale of P2..P5 relative to the input image.
+FPN_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+# grid_sample's integer codes, as aten.grid_sampler_2d_backward takes them.
+_BILINEAR = 0
+_BORDER = 1
+
+
+def _sample_coords(start: Tensor, size: Tensor, pooled: int, sampling_ratio: int, limit: int) -> tuple[Tensor, Tensor]:
+    """Sample positions along one axis, [K, pooled * sampling_ratio], and whether each lies in range.
+
+    Written in the same arithmetic order as torchvision's kernel, so that float32 results agree.
+    """
+    bin_size = size / pooled
+    index = torch.arange(pooled * sampling_ratio, device=start.device, dtype=start.dtype)
+    bin_index = torch.div(index, sampling_ratio, rounding_mode="floor")
+    sub_index = index - bin_index * sampling_ratio
+    coords = (
+        start[:, None]
+        + bin_index[None, :] * bin_size[:, None]
+        + (sub_index[None, :] + 0.5) * bin_size[:, None] / sampling_ratio
+    )
+    inside = (coords >= -1.0) & (coords <= limit)
+    return coords, inside
+
+
+def _sampling_grid(
+    rois: Tensor,
+    height: int,
+    width: int,
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+) -> tuple[Tensor, Tensor]:
+    """The normalized grid_sample grid [K, PH*s, PW*s, 2] and the in-range mask [K, PH*s, PW*s]."""
+    offset = 0.5 if aligned else 0.0
+    x1 = rois[:, 1] * spatial_scale - offset
+    y1 = rois[:, 2] * spatial_scale - offset
+    roi_w = rois[:, 3] * spatial_scale - offset - x1
+    roi_h = rois[:, 4] * spatial_scale - offset - y1
+    if not aligned:  # torchvision's legacy behaviour: RoIs are at least one feature pixel
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    xs, x_in = _sample_coords(x1, roi_w, pooled_width, sampling_ratio, width)
+    ys, y_in = _sample_coords(y1, roi_h, pooled_height, sampling_ratio, height)
+    # align_corners=True maps -1 / +1 to the centres of the first / last pixel.
+    # Normalized in float64: grid_sample un-normalizes in the feature dtype, and the round trip
+    # should not add more than one rounding to the sample positions.
+    gx = (xs.double() * (2.0 / max(width - 1, 1)) - 1.0).to(xs.dtype)
+    gy = (ys.double() * (2.0 / max(height - 1, 1)) - 1.0).to(ys.dtype)
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+    inside = y_in[:, :, None] & x_in[:, None, :]
+    return grid, inside
+
+
+def _check_args(features: Tensor, rois: Tensor, sampling_ratio: int) -> None:
+    if sampling_ratio <= 0:
+        raise ValueError(f"sampling_ratio must be positive (Mask R-CNN uses 2), got {sampling_ratio}")
+    if features.dim() != 4 or rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(
+            f"expected features [N, C, H, W] and rois [K, 5], got {tuple(features.shape)} and {tuple(rois.shape)}"
+        )
+
+
+@torch.library.custom_op("maskrcnn::roi_align", mutates_args=())
+def roi_align(
+    features: Tensor,
+    rois: Tensor,
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    """RoIAlign of ``rois`` [K, 5] (batch index, x1, y1, x2, y2) on ``features`` [N, C, H, W] -> [K, C, PH, PW]."""
+    _check_args(features, rois, sampling_ratio)
+    n, c, h, w = features.shape
+    s = sampling_ratio
+    rois = rois.to(features.dtype)
+    grid, inside = _sampling_grid(rois, h, w, spatial_scale, pooled_height, pooled_width, s, aligned)
+    samples = features.new_zeros(rois.shape[0], c, pooled_height * s, pooled_width * s)
+    batch_index = rois[:, 0].long()
+    for b in range(n):  # one grid_sample per image; the RoIs of an image are sampled together
+        sel = (batch_index == b).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        image_grid = grid[sel].reshape(1, -1, pooled_width * s, 2)
+        sampled = F.grid_sample(
+            features[b : b + 1], image_grid, mode="bilinear", padding_mode="border", align_corners=True
+        )
+        samples[sel] = sampled.view(c, sel.numel(), pooled_height * s, pooled_width * s).transpose(0, 1)
+    samples = samples * inside[:, None].to(samples.dtype)
+    return F.avg_pool2d(samples, kernel_size=s, stride=s)
+
+
+@roi_align.register_fake
+def _roi_align_fake(features, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    return features.new_empty((rois.shape[0], features.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.custom_op("maskrcnn::roi_align_backward", mutates_args=())
+def roi_align_backward(
+    grad: Tensor,
+    rois: Tensor,
+    spatial_scale: float,
+    pooled_height: int,
+    pooled_width: int,
+    sampling_ratio: int,
+    aligned: bool,
+    batch_size: int,
+    height: int,
+    width: int,
+) -> Tensor:
+    """Gradient of ``roi_align`` with respect to the features: the bilinear weights scattered back."""
+    s = sampling_ratio
+    c = grad.shape[1]
+    rois = rois.to(grad.dtype)
+    grid, inside = _sampling_grid(rois, height, width, spatial_scale, pooled_height, pooled_width, s, aligned)
+    # Undo the average pool and the out-of-range zeroing.
+    grad_samples = grad.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3) / (s * s)
+    grad_samples = grad_samples * inside[:, None].to(grad.dtype)
+    grad_features = grad.new_zeros(batch_size, c, height, width)
+    shape_only = grad.new_empty(1, c, height, width)
+    batch_index = rois[:, 0].long()
+    for b in range(batch_size):
+        sel = (batch_index == b).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        image_grid = grid[sel].reshape(1, -1, pooled_width * s, 2)
+        image_grad = grad_samples[sel].transpose(0, 1).reshape(1, c, -1, pooled_width * s)
+        grad_input, _ = torch.ops.aten.grid_sampler_2d_backward(
+            image_grad, shape_only, image_grid, _BILINEAR, _BORDER, True, [True, False]
+        )
+        grad_features[b] = grad_input[0]
+    return grad_features
+
+
+@roi_align_backward.register_fake
+def _roi_align_backward_fake(
+    grad, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, batch_size, height, width
+):
+    return grad.new_empty((batch_size, grad.shape[1], height, width))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    features, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois)
+    ctx.args = (spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+    ctx.feature_shape = (features.shape[0], features.shape[2], features.shape[3])
+
+
+def _backward(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    n, h, w = ctx.feature_shape
+    grad_features = roi_align_backward(grad.contiguous(), rois, *ctx.args, n, h, w)
+    return grad_features, None, None, None, None, None, None
+
+
+roi_align.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fpn_level_of_rois(boxes: Tensor, min_level: int = 2, max_level: int = 5) -> Tensor:
+    """FPN level per RoI (FPN paper eq. 1): k = floor(4 + log2(sqrt(wh) / 224)), clamped to [min, max].
+
+    The 1e-6 matches torchvision's LevelMapper, so boundary cases land on the same level.
+    """
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    level = torch.floor(4 + torch.log2(torch.sqrt(area) / 224) + 1e-6)
+    return level.clamp(min_level, max_level).to(torch.int64) - min_level
+
+
+class MultiScaleRoIAlign(torch.nn.Module):
+    """RoIAlign over FPN levels P2-P5: each RoI is pooled from the level its size maps to."""
+
+    def __init__(self, output_size: int, sampling_ratio: int = 2, aligned: bool = False):
+        super().__init__()
+        self.output_size = output_size
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def forward(self, features: list[Tensor], boxes: Tensor, batch_index: Tensor) -> Tensor:
+        """Pool ``boxes`` [K, 4] (image pixels) of images ``batch_index`` [K] from P2..P5 -> [K, C, S, S]."""
+        rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1)
+        levels = fpn_level_of_rois(boxes)
+        out = boxes.new_zeros((boxes.shape[0], features[0].shape[1], self.output_size, self.output_size))
+        for level, feature in enumerate(features):
+            idx = (levels == level).nonzero().squeeze(1)
+            pooled = roi_align(
+                feature,
+                rois[idx],
+                FPN_SCALES[level],
+                self.output_size,
+                self.output_size,
+                self.sampling_ratio,
+                self.aligned,
+            )
+            out = out.index_copy(0, idx, pooled)
+        return out

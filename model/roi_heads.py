@@ -1,0 +1,245 @@
+"""Stage two of Mask R-CNN (section 3): per-RoI classification, box regression and the mask branch.
+
+``fastrcnn_loss`` / ``maskrcnn_loss`` and ``box_inference`` / ``mask_inference`` are standalone
+functions, documented on their own. Inference is batched with fixed-size outputs: per-class NMS,
+the top D detections per image, and only the real detections go through the mask branch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+from model import box_coder
+from model.backbone import FPN_CHANNELS
+from model.matcher import match, pad_targets, pairwise_iou, sample_balanced
+from model.nms import keep_mask, multiclass_nms
+from model.roi_align import MultiScaleRoIAlign, roi_align
+
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+BOX_POOL_SIZE = 7
+MASK_POOL_SIZE = 14
+MASK_SIZE = 28
+SAMPLING_RATIO = 2
+REPRESENTATION_SIZE = 1024
+MIN_DETECTION_SIZE = 1e-2
+SMOOTH_L1_BETA = 1.0 / 9
+
+
+def fastrcnn_loss(
+    class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor
+) -> dict[str, Tensor]:
+    """L_cls + L_box (Fast R-CNN): cross-entropy over all sampled RoIs, and smooth-L1 on the
+    ground-truth class's box of positive RoIs, normalized by the number of sampled RoIs."""
+    loss_classifier = F.cross_entropy(class_logits, labels)
+    positive = (labels > 0).nonzero().squeeze(1)
+    per_class = box_regression.view(box_regression.shape[0], -1, 4)
+    loss_box = F.smooth_l1_loss(
+        per_class[positive, labels[positive]], regression_targets[positive], beta=SMOOTH_L1_BETA, reduction="sum"
+    )
+    return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box / max(labels.numel(), 1)}
+
+
+def maskrcnn_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor) -> Tensor:
+    """L_mask (section 3): mean per-pixel binary cross-entropy of a per-pixel sigmoid, on the mask of the
+    RoI's ground-truth class only, for positive RoIs only. No competition between classes: the other
+    K - 1 masks get no gradient. ``mask_logits`` [N, K, M, M], ``labels`` [N], ``mask_targets`` [N, M, M]."""
+    if labels.numel() == 0:
+        return mask_logits.sum() * 0
+    picked = mask_logits[torch.arange(labels.numel(), device=labels.device), labels]
+    return F.binary_cross_entropy_with_logits(picked, mask_targets)
+
+
+def box_inference(
+    class_logits: Tensor,
+    box_regression: Tensor,
+    proposals: Tensor,
+    proposal_valid: Tensor,
+    image_sizes: Tensor,
+    score_threshold: Tensor,
+    nms_thresh: float,
+    detections_per_img: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Detections from the box branch for a batch of B images with P proposals each.
+
+    Class-specific boxes are decoded and clipped; each (image, class) pair is one NMS batch entry,
+    so classes never suppress each other; of the survivors the ``detections_per_img`` best per image
+    are kept. ``score_threshold`` [B] is exclusive (score > threshold), as in torchvision.
+    Returns boxes [B, D, 4], scores [B, D], labels [B, D] and valid [B, D], zero past the valid rows.
+    """
+    b, p = proposals.shape[:2]
+    num_classes = class_logits.shape[-1]
+    boxes = box_coder.decode(box_regression.view(b, p, -1), proposals, BOX_WEIGHTS)
+    boxes = box_coder.clip_to_size(boxes, image_sizes)[:, :, 1:]  # drop background
+    scores = F.softmax(class_logits, -1).view(b, p, num_classes)[:, :, 1:]
+    ok = proposal_valid[:, :, None] & (scores > score_threshold[:, None, None])
+    ok = ok & box_coder.is_large_enough(boxes, MIN_DETECTION_SIZE)
+    scores = torch.where(ok, scores, -1.0)
+    per_class_boxes = boxes.transpose(1, 2).reshape(b * (num_classes - 1), p, 4)
+    per_class_scores = scores.transpose(1, 2).reshape(b * (num_classes - 1), 1, p)
+    selected = multiclass_nms(per_class_boxes, per_class_scores, detections_per_img, nms_thresh, -0.5)
+    kept = keep_mask(selected, (b * (num_classes - 1), 1, p)).view(b, -1)
+    kept_scores = torch.where(kept, per_class_scores.reshape(b, -1), -1.0)
+    top, idx = kept_scores.topk(torch.sym_min(detections_per_img, kept_scores.shape[1]), dim=1)
+    valid = top >= 0
+    det_boxes = per_class_boxes.reshape(b, -1, 4).gather(1, idx[..., None].expand(-1, -1, 4))
+    det_boxes = det_boxes * valid[..., None]
+    labels = torch.where(valid, torch.div(idx, p, rounding_mode="floor") + 1, 0)
+    return det_boxes, torch.where(valid, top, 0.0), labels, valid
+
+
+class RoIHeads(nn.Module):
+    def __init__(
+        self,
+        num_classes: int,
+        aligned: bool = False,
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.5,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+    ):
+        super().__init__()
+        self.box_roi_pool = MultiScaleRoIAlign(BOX_POOL_SIZE, SAMPLING_RATIO, aligned)
+        self.box_head = TwoMLPHead(FPN_CHANNELS * BOX_POOL_SIZE**2, REPRESENTATION_SIZE)
+        self.box_predictor = FastRCNNPredictor(REPRESENTATION_SIZE, num_classes)
+        self.mask_roi_pool = MultiScaleRoIAlign(MASK_POOL_SIZE, SAMPLING_RATIO, aligned)
+        self.mask_head = MaskRCNNHeads(FPN_CHANNELS, [256, 256, 256, 256], 1)
+        self.mask_predictor = MaskRCNNPredictor(256, 256, num_classes)
+        self._init_predictors()
+        self.aligned = aligned
+        self.fg_iou_thresh = fg_iou_thresh
+        self.bg_iou_thresh = bg_iou_thresh
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+
+    def _init_predictors(self) -> None:
+        """Small output layers (as Detectron2 initializes them): torchvision's fan-out init of the
+        mask logits gives logits of std ~25 with few classes, which diverges when training from scratch."""
+        nn.init.normal_(self.box_predictor.cls_score.weight, std=0.01)
+        nn.init.normal_(self.box_predictor.bbox_pred.weight, std=0.001)
+        nn.init.normal_(self.mask_predictor.mask_fcn_logits.weight, std=0.001)
+        for layer in (self.box_predictor.cls_score, self.box_predictor.bbox_pred, self.mask_predictor.mask_fcn_logits):
+            nn.init.zeros_(layer.bias)
+
+    def forward(
+        self,
+        features: list[Tensor],
+        proposals: Tensor,
+        proposal_valid: Tensor,
+        image_sizes: Tensor,
+        targets: list[dict[str, Tensor]] | None = None,
+        score_threshold: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Losses (training) or the fixed-size detections dict (inference)."""
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode")
+            return self.loss(features[:4], proposals, proposal_valid, targets)
+        return self.inference(features[:4], proposals, proposal_valid, image_sizes, score_threshold)
+
+    def mask_logits(self, features: list[Tensor], boxes: Tensor, batch_index: Tensor) -> Tensor:
+        """All K mask logits [N, K, M, M] of the RoIs (training)."""
+        x = self.mask_head(self.mask_roi_pool(features, boxes, batch_index))
+        return self.mask_predictor(x)
+
+    def mask_inference(self, features: list[Tensor], boxes: Tensor, batch_index: Tensor, labels: Tensor) -> Tensor:
+        """Mask probabilities [N, M, M] of each RoI's own class. Only that class's 1x1 output
+        convolution is evaluated (a per-RoI dot product), instead of all K and then discarding K - 1."""
+        x = self.mask_head(self.mask_roi_pool(features, boxes, batch_index))
+        x = F.relu(self.mask_predictor.conv5_mask(x))
+        logits_layer = self.mask_predictor.mask_fcn_logits
+        weight = logits_layer.weight[:, :, 0, 0][labels]
+        logits = torch.einsum("nchw,nc->nhw", x, weight) + logits_layer.bias[labels][:, None, None]
+        return torch.sigmoid(logits)
+
+    def inference(
+        self,
+        features: list[Tensor],
+        proposals: Tensor,
+        proposal_valid: Tensor,
+        image_sizes: Tensor,
+        score_threshold: Tensor | None,
+    ) -> dict[str, Tensor]:
+        b, p = proposals.shape[:2]
+        batch_of_row = torch.arange(b, device=proposals.device).repeat_interleave(p)
+        x = self.box_head(self.box_roi_pool(features, proposals.reshape(-1, 4), batch_of_row))
+        class_logits, box_regression = self.box_predictor(x)
+        threshold = torch.full((b,), self.score_thresh, device=proposals.device)
+        if score_threshold is not None:
+            threshold = torch.maximum(threshold, score_threshold.to(threshold.dtype))
+        boxes, scores, labels, valid = box_inference(
+            class_logits,
+            box_regression,
+            proposals,
+            proposal_valid,
+            image_sizes,
+            threshold,
+            self.nms_thresh,
+            self.detections_per_img,
+        )
+        d = boxes.shape[1]
+        rows = valid.flatten().nonzero().squeeze(1)
+        probs = self.mask_inference(
+            features, boxes.flatten(0, 1)[rows], torch.div(rows, d, rounding_mode="floor"), labels.flatten()[rows]
+        )
+        masks = probs.new_zeros((b * d, MASK_SIZE, MASK_SIZE)).index_copy(0, rows, probs)
+        return {
+            "boxes": boxes,
+            "scores": scores,
+            "labels": labels,
+            "masks": masks.view(b, d, MASK_SIZE, MASK_SIZE),
+            "num_detections": valid.sum(1),
+        }
+
+    def loss(
+        self, features: list[Tensor], proposals: Tensor, proposal_valid: Tensor, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """Sample 512 RoIs per image (1:3 positives to negatives) from the proposals plus the ground
+        truth boxes, and compute L_cls + L_box + L_mask on them."""
+        gt_boxes, gt_labels, gt_valid = pad_targets(targets, proposals.device)
+        proposals = torch.cat([proposals.detach(), gt_boxes], 1)
+        proposal_valid = torch.cat([proposal_valid, gt_valid], 1)
+        matches = match(pairwise_iou(proposals, gt_boxes), gt_valid, self.fg_iou_thresh, self.bg_iou_thresh, False)
+        labels = torch.where(matches >= 0, gt_labels.gather(1, matches.clamp(min=0)), 0)
+        labels = torch.where(proposal_valid, labels, -1)
+        positive, negative = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
+        image, row = (positive | negative).nonzero(as_tuple=True)
+        boxes = proposals[image, row]
+        matched = matches[image, row].clamp(min=0)
+        sampled_labels = labels[image, row]
+        x = self.box_head(self.box_roi_pool(features, boxes, image))
+        class_logits, box_regression = self.box_predictor(x)
+        regression_targets = box_coder.encode(gt_boxes[image, matched], boxes, BOX_WEIGHTS)
+        losses = fastrcnn_loss(class_logits, box_regression, sampled_labels, regression_targets)
+
+        pos = (sampled_labels > 0).nonzero().squeeze(1)
+        mask_targets = self.project_masks(targets, gt_valid, image[pos], matched[pos], boxes[pos])
+        logits = self.mask_logits(features, boxes[pos], image[pos])
+        losses["loss_mask"] = maskrcnn_loss(logits, sampled_labels[pos], mask_targets)
+        return losses
+
+    def project_masks(
+        self, targets: list[dict[str, Tensor]], gt_valid: Tensor, image: Tensor, gt_index: Tensor, boxes: Tensor
+    ) -> Tensor:
+        """Mask targets [N, M, M]: each positive RoI's ground-truth mask RoIAligned onto the RoI."""
+        if boxes.shape[0] == 0:
+            return boxes.new_zeros((0, MASK_SIZE, MASK_SIZE))
+        height = max(t["masks"].shape[-2] for t in targets)
+        width = max(t["masks"].shape[-1] for t in targets)
+        masks = [
+            F.pad(t["masks"].to(boxes), (0, width - t["masks"].shape[-1], 0, height - t["masks"].shape[-2]))
+            for t in targets
+        ]
+        all_masks = torch.cat(masks, 0)[:, None]
+        offsets = torch.cumsum(gt_valid.sum(1), 0) - gt_valid.sum(1)
+        rois = torch.cat([(offsets[image] + gt_index).to(boxes.dtype)[:, None], boxes], 1)
+        return roi_align(all_masks, rois, 1.0, MASK_SIZE, MASK_SIZE, SAMPLING_RATIO, self.aligned)[:, 0]
