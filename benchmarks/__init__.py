@@ -1,0 +1,43 @@
+"""Benchmarks (run as modules: `python -m benchmarks.NAME`); helpers to write their RESULTS.md sections.
+
+Each benchmark owns the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``; other sections
+(other benchmarks, other authors) are left untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine() -> str:
+    """One line about where the numbers came from."""
+    import onnxruntime
+
+    cpus = len(os.sched_getaffinity(0))
+    return (f"{platform.processor() or platform.machine()}, {cpus} CPUs visible, Python "
+            f"{sys.version.split()[0]}, numpy {np.__version__}, onnxruntime {onnxruntime.__version__}")
+
+
+def write_section(name: str, body: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the section ``name`` of RESULTS.md with ``body``."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), flags=re.S)
+    appended = text.rstrip() + "\n\n" + block + "\n"
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else appended
+    path.write_text(text)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
