@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 from pathlib import Path
 
@@ -124,7 +125,6 @@ def test_cli_on_an_untrained_checkpoint(shapes_gt: Path, tmp_path: Path, capsys)
     untrained model must score near zero on the shapes."""
     torch = pytest.importorskip("torch")
     import dataclasses
-    import json
 
     from model.evaluate import main
     from model.train import TrainConfig, atomic_save, build
@@ -146,3 +146,45 @@ def test_cli_on_an_untrained_checkpoint(shapes_gt: Path, tmp_path: Path, capsys)
     for iou_type in ("bbox", "segm"):
         assert set(report["metrics"][iou_type]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
         assert report["metrics"][iou_type]["AP"] < 0.1
+
+
+def _constant_onnx(path: Path) -> None:
+    """A graph with the exported model's signature and metadata that always answers one detection: a
+    32 x 32 'circle' box at the top-left with a full mask. Exercises the ONNX Runtime path without an
+    exporter."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    d, m = 4, 28
+    consts = {"boxes": np.zeros((1, d, 4), np.float32), "scores": np.zeros((1, d), np.float32),
+              "labels": np.zeros((1, d), np.int64), "masks": np.zeros((1, d, m, m), np.float32),
+              "num_detections": np.ones(1, np.int64)}
+    consts["boxes"][0, 0] = (0, 0, 32, 32)
+    consts["scores"][0, 0], consts["labels"][0, 0], consts["masks"][0, 0] = 0.9, 1, 1.0
+    nodes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(v, name + "_value"))
+             for name, v in consts.items()]
+    inputs = [helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", 3, "H", "W"]),
+              helper.make_tensor_value_info("image_sizes", TensorProto.INT64, ["B", 2])]
+    outputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+               for name, v in consts.items()]
+    model = helper.make_model(helper.make_graph(nodes, "constant", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = {"format_version": "1", "class_names": json.dumps(["__background__", "circle", "square",
+                                                                  "triangle", "star"]),
+            "mask_size": str(m), "min_size": "64", "max_size": "96"}
+    helper.set_model_props(model, meta)
+    onnx.save(model, str(path))
+
+
+def test_cli_on_an_onnx_file(shapes_gt: Path, tmp_path: Path) -> None:
+    from model.evaluate import main
+
+    path = tmp_path / "constant.onnx"
+    _constant_onnx(path)
+    out = tmp_path / "results.json"
+    main(["--checkpoint", str(path), "--data", str(shapes_gt), "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["num_images"] == 6 and report["num_detections"] == 6
+    assert (report["min_size"], report["max_size"]) == (64, 96)
+    assert 0.0 <= report["metrics"]["segm"]["AP"] < 0.2

@@ -111,3 +111,12 @@ def test_write_coco_round_trip(tmp_path) -> None:
         for a, mask in zip(anns, s.masks, strict=True):
             np.testing.assert_array_equal(mask_utils.decode(a["segmentation"]), mask)
             assert a["area"] == mask.sum() and a["iscrowd"] == 0
+
+
+def test_cli_writes_a_data_set(tmp_path, capsys) -> None:
+    from model.data.shapes import main
+
+    main(["--out", str(tmp_path / "val"), "--num", "2", "--seed", "9"])
+    data = json.loads((tmp_path / "val" / "instances.json").read_text())
+    assert [i["file_name"] for i in data["images"]] == ["000001.png", "000002.png"]
+    assert "wrote 2 images" in capsys.readouterr().out
