@@ -1,0 +1,421 @@
+"""The service end to end: a real uvicorn server on loopback serving the tiny exported model.
+
+Masks are checked against torchvision's paste_masks_in_image on the same model outputs, batching
+against each image run alone, every error case is followed by a success, /metrics counts what was sent.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from pycocotools import mask as mask_utils
+
+from service.app import create_app
+from service.images import decode_image
+from service.runtime import OnnxModel, Prediction
+from service.settings import Settings
+
+httpx = pytest.importorskip("httpx")
+
+THRESHOLD = 0.05  # random weights give low scores; this keeps a useful number of detections
+MAX_UPLOAD = 2_000_000
+MAX_PIXELS = 4_000_000
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def scene(seed: int, size: tuple[int, int] = (120, 160)) -> np.ndarray:
+    """A distinct synthetic RGB image: coloured background and a few filled shapes."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = rng.integers(0, 255, 3)
+    for _ in range(4):
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        r = int(rng.integers(8, max(h, w) // 3))
+        if rng.random() < 0.5:
+            cv2.circle(img, (x, y), r, colour, -1)
+        else:
+            cv2.rectangle(img, (x - r, y - r // 2), (x + r, y + r // 2), colour, -1)
+    return img
+
+
+def encode(img: np.ndarray, fmt: str = "PNG", **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask plus every background pixel that the image border cannot reach (flood fill)."""
+    padded = np.pad(mask.astype(np.uint8), 1)
+    reach = padded.copy()
+    cv2.floodFill(reach, np.zeros((reach.shape[0] + 2, reach.shape[1] + 2), np.uint8), (0, 0), 2)
+    return ((reach != 2) | (padded == 1))[1:-1, 1:-1].astype(np.uint8)
+
+
+def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(values: dict, name: str, **labels: str) -> float:
+    return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def assert_same_detections(body: dict, alone: Prediction, height: int, width: int) -> None:
+    """A response equals what the image gives alone: classes, scores, boxes and masks."""
+    dets = body["detections"]
+    assert len(dets) == len(alone.scores)
+    assert [d["class_id"] for d in dets] == alone.labels.tolist()
+    np.testing.assert_allclose([d["score"] for d in dets], alone.scores, atol=1e-4)
+    if dets:
+        np.testing.assert_allclose([d["box"] for d in dets], alone.boxes, atol=0.05)
+        ref = reference_masks(alone, height, width)
+        for d, m in zip(dets, ref, strict=True):
+            assert iou(mask_utils.decode(d["mask"]), m) >= 0.99
+
+
+def reference_masks(pred: Prediction, height: int, width: int) -> np.ndarray:
+    """torchvision's paste_masks_in_image of the same m x m masks and boxes, thresholded."""
+    torch = pytest.importorskip("torch")
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    if len(pred.scores) == 0:
+        return np.zeros((0, height, width), np.uint8)
+    pasted = paste_masks_in_image(torch.from_numpy(pred.masks)[:, None], torch.from_numpy(pred.boxes),
+                                  (height, width))
+    return (pasted[:, 0].numpy() > 0.5).astype(np.uint8)
+
+
+class ServerThread:
+    """uvicorn running the app in a background thread, on a free loopback port."""
+
+    def __init__(self, app: Any) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+# ---- fixtures --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(request: pytest.FixtureRequest) -> Path:
+    """The session's tiny exported model (tests/conftest.py); skip cleanly if this checkout lacks it."""
+    try:
+        return Path(request.getfixturevalue("tiny_onnx_model"))
+    except pytest.FixtureLookupError:
+        pytest.skip("no tiny_onnx_model fixture in tests/conftest.py")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model: Path) -> OnnxModel:
+    """The same file in a separate session: what each image gives alone."""
+    return OnnxModel(tiny_model, intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path) -> Iterator[ServerThread]:
+    settings = Settings(
+        model_path=tiny_model, max_batch_size=8, max_batch_wait_ms=150, queue_capacity=16,
+        max_upload_bytes=MAX_UPLOAD, max_image_pixels=MAX_PIXELS, score_threshold=THRESHOLD,
+        worker_threads=2, request_timeout_s=60,
+    )
+    app = create_app(settings)
+    with ServerThread(app) as srv:
+        srv.segmenter = app.state.segmenter
+        yield srv
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[Any]:
+    with httpx.Client(base_url=server.url, timeout=60, trust_env=False) as c:
+        yield c
+
+
+def ok(client: Any) -> None:
+    """A good request succeeds and the server is still ready."""
+    r = client.post("/segment", files={"image": ("ok.png", encode(scene(99)), "image/png")})
+    assert r.status_code == 200, r.text
+    assert client.get("/readyz").status_code == 200
+
+
+# ---- tests -----------------------------------------------------------------------------------------
+
+
+def test_health_model_and_openapi(client: Any, model: OnnxModel) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    info = client.get("/v1/model").json()
+    assert info["classes"] == model.class_names[1:]
+    assert info["name"] == model.metadata.name and info["min_size"] == model.metadata.min_size
+    spec = client.get("/openapi.json").json()
+    assert "/segment" in spec["paths"] and "SegmentResponse" in spec["components"]["schemas"]
+
+
+def test_masks_match_torchvision_paste(client: Any, model: OnnxModel) -> None:
+    img = scene(1, (150, 200))
+    r = client.post("/segment", files={"image": ("a.png", encode(img), "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["image"] == {"width": 200, "height": 150}
+    assert body["model"]["name"] == model.metadata.name
+    assert set(body["timings"]) == {"decode_ms", "queue_ms", "inference_ms", "postprocess_ms", "total_ms"}
+    dets = body["detections"]
+    assert dets, "the tiny model gave no detection at the test threshold"
+    scores = [d["score"] for d in dets]
+    assert scores == sorted(scores, reverse=True) and min(scores) > THRESHOLD
+    alone = model.predict([img], THRESHOLD)[0]
+    ref = reference_masks(alone, 150, 200)
+    assert len(dets) == len(ref)
+    for d, m in zip(dets, ref, strict=True):
+        assert d["label"] == model.class_names[d["class_id"]]
+        decoded = mask_utils.decode(d["mask"])
+        assert d["mask"]["size"] == [150, 200]
+        assert iou(decoded, m) >= 0.95
+        assert d["area"] == int(decoded.sum())
+        raster = np.zeros((150, 200), np.uint8)
+        for poly in d["polygons"]:
+            cv2.fillPoly(raster, [np.floor(np.asarray(poly).reshape(-1, 2)).astype(np.int32)], 1)
+        if decoded.sum() >= 20:  # a few scattered pixels have no meaningful outline
+            filled = fill_holes(decoded)
+            # Holes are dropped: the outline covers the mask with its holes filled, and the mask
+            # itself whenever its holes are small.
+            assert iou(raster, filled) >= 0.9
+            if filled.sum() - decoded.sum() <= 0.05 * decoded.sum():
+                assert iou(raster, decoded) >= 0.9
+
+
+def test_concurrent_requests_are_batched_and_answered_each_alone(
+    server: ServerThread, client: Any, model: OnnxModel
+) -> None:
+    sizes = [(100 + 8 * i, 140 + 5 * (i % 5)) for i in range(16)]  # distinct sizes: padding matters
+    images = [scene(100 + i, s) for i, s in enumerate(sizes)]
+    before = metric_values(client.get("/metrics").text)
+    barrier = threading.Barrier(16)
+
+    def send(i: int) -> dict:
+        with httpx.Client(base_url=server.url, timeout=60, trust_env=False) as c:
+            barrier.wait()
+            r = c.post("/segment", files={"image": (f"{i}.png", encode(images[i]), "image/png")})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        bodies = list(pool.map(send, range(16)))
+    after = metric_values(client.get("/metrics").text)
+    calls = sample(after, "mrcnn_batch_size_count") - sample(before, "mrcnn_batch_size_count")
+    images_run = sample(after, "mrcnn_batch_size_sum") - sample(before, "mrcnn_batch_size_sum")
+    assert images_run == 16
+    assert calls < 16, "no two requests shared a model call"
+    assert max(b["batch_size"] for b in bodies) > 1
+    for img, body in zip(images, bodies, strict=True):
+        h, w = img.shape[:2]
+        assert body["image"] == {"width": w, "height": h}
+        assert_same_detections(body, model.predict([img], THRESHOLD)[0], h, w)
+
+
+def test_options(client: Any, model: OnnxModel) -> None:
+    img = encode(scene(2))
+    full = client.post("/segment", files={"image": ("a.png", img, "image/png")}).json()["detections"]
+    assert len(full) >= 2
+    rle_only = client.post("/segment?formats=rle&max_detections=2", content=img,
+                           headers={"content-type": "image/png"}).json()["detections"]
+    assert len(rle_only) == 2 and all("mask" in d and "polygons" not in d for d in rle_only)
+    assert [d["score"] for d in rle_only] == [d["score"] for d in full[:2]]
+    wanted = full[0]["label"]
+    form = {"classes": wanted, "formats": "polygons", "score_threshold": str(full[1]["score"])}
+    only = client.post("/segment", files={"image": ("a.png", img, "image/png")}, data=form).json()
+    assert only["detections"] and all(d["label"] == wanted for d in only["detections"])
+    assert all("polygons" in d and "mask" not in d for d in only["detections"])
+    assert all(d["score"] > full[1]["score"] for d in only["detections"])
+
+
+def test_image_variants(client: Any) -> None:
+    img = scene(3, (90, 130))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = client.post("/segment", content=encode(img, "JPEG", exif=exif.tobytes()),
+                          headers={"content-type": "image/jpeg"})
+    assert rotated.status_code == 200 and rotated.json()["image"] == {"width": 90, "height": 130}
+    gray16 = (img[..., 0].astype(np.uint16) * 257)
+    for data, ctype in [(encode(gray16), "image/png"), (encode(img, "WEBP"), "image/webp"),
+                        (encode(img, "BMP"), "image/bmp"), (encode(img, "TIFF"), "image/tiff")]:
+        r = client.post("/segment", content=data, headers={"content-type": ctype})
+        assert r.status_code == 200 and r.json()["image"] == {"width": 130, "height": 90}, r.text
+
+
+def _bomb() -> bytes:
+    """3000 x 3000 = 9 MP of zeros (over MAX_PIXELS): tiny as PNG, large once decoded."""
+    return encode(np.zeros((3000, 3000), np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"content": b"not an image", "headers": {"content-type": "image/png"}}, 400, "undecodable_image"),
+        ({"files": {"image": ("x.png", b"", "image/png")}}, 400, "empty_image"),
+        ({"files": {"picture": ("x.png", b"abc", "image/png")}}, 400, "missing_image"),
+        ({"content": b"\0" * (MAX_UPLOAD + 1), "headers": {"content-type": "image/png"}}, 413,
+         "payload_too_large"),
+        ({"content": "bomb", "headers": {"content-type": "image/png"}}, 413, "image_too_large"),
+        ({"content": b"%PDF-1.4", "headers": {"content-type": "application/pdf"}}, 415, "unsupported_media_type"),
+        ({"content": "gif", "headers": {"content-type": "image/png"}}, 415, "unsupported_media_type"),
+        ({"content": b"abc"}, 415, "unsupported_media_type"),
+        ({"params": {"score_threshold": "2"}}, 422, "invalid_option"),
+        ({"params": {"score_threshold": "high"}}, 422, "invalid_option"),
+        ({"params": {"max_detections": "0"}}, 422, "invalid_option"),
+        ({"params": {"max_detections": "100000"}}, 422, "invalid_option"),
+        ({"params": {"classes": "no-such-class"}}, 422, "invalid_option"),
+        ({"params": {"formats": "jpeg"}}, 422, "invalid_option"),
+        ({"data": {"score_threshold": "-1"}}, 422, "invalid_option"),
+    ],
+)
+def test_errors_then_success(client: Any, kwargs: dict, status: int, code: str) -> None:
+    kwargs = dict(kwargs)
+    if kwargs.get("content") == "bomb":
+        kwargs["content"] = _bomb()
+    elif kwargs.get("content") == "gif":
+        kwargs["content"] = encode(scene(4), "GIF")
+    if not {"content", "files"} & set(kwargs):
+        kwargs["files"] = {"image": ("ok.png", encode(scene(5)), "image/png")}
+    r = client.post("/segment", **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+    ok(client)
+
+
+def test_full_queue_is_503_at_once(server: ServerThread, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    seg = server.segmenter
+    gate, real = threading.Event(), seg.batcher._run_batch
+
+    def gated(payloads: list) -> list:
+        gate.wait(30)
+        return real(payloads)
+
+    monkeypatch.setattr(seg.batcher, "_run_batch", gated)
+    cap = seg.batcher.capacity
+    with concurrent.futures.ThreadPoolExecutor(cap) as pool:
+        held = [pool.submit(httpx.post, server.url + "/segment", content=encode(scene(10 + i)),
+                            headers={"content-type": "image/png"}, timeout=60, trust_env=False)
+                for i in range(cap)]
+        deadline = time.monotonic() + 30
+        while seg.batcher.admitted < cap:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        t = time.perf_counter()
+        r = client.post("/segment", content=encode(scene(6)), headers={"content-type": "image/png"})
+        assert time.perf_counter() - t < 1.0
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "overloaded"
+        gate.set()
+        assert [f.result().status_code for f in held] == [200] * cap
+    ok(client)
+
+
+def test_deadline_is_504_and_the_work_dropped(
+    server: ServerThread, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seg = server.segmenter
+    gate, entered, real = threading.Event(), threading.Event(), seg.batcher._run_batch
+    ran: list[int] = []
+
+    def gated(payloads: list) -> list:
+        entered.set()
+        gate.wait(30)
+        ran.append(len(payloads))
+        return real(payloads)
+
+    monkeypatch.setattr(seg.batcher, "_run_batch", gated)
+    monkeypatch.setattr(seg.settings, "request_timeout_s", 0.5)
+
+    def post(seed: int) -> Any:
+        return httpx.post(server.url + "/segment", content=encode(scene(seed)),
+                          headers={"content-type": "image/png"}, timeout=60, trust_env=False)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, 20)  # runs, blocked in the model
+        assert entered.wait(30)
+        second = pool.submit(post, 21)  # queued behind it
+        for f in (first, second):
+            r = f.result()
+            assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    gate.set()
+    monkeypatch.setattr(seg.settings, "request_timeout_s", 60.0)
+    ok(client)
+    assert ran[0] == 1 and sum(ran) == 2  # the expired request never reached the model; then ok()
+
+
+def test_metrics_count_requests(client: Any) -> None:
+    before = metric_values(client.get("/metrics").text)
+    good = [client.post("/segment", files={"image": (f"{i}.png", encode(scene(30 + i)), "image/png")})
+            for i in range(3)]
+    bad = [client.post("/segment", content=b"junk", headers={"content-type": "image/png"}),
+           client.post("/segment?score_threshold=9", content=b"x", headers={"content-type": "image/png"})]
+    text = client.get("/metrics").text
+    after = metric_values(text)
+    families = {f.name for f in text_string_to_metric_families(text)}
+    assert {"mrcnn_request_duration_seconds", "mrcnn_queue_wait_seconds", "mrcnn_inference_duration_seconds",
+            "mrcnn_batch_size", "mrcnn_queue_depth", "mrcnn_requests", "mrcnn_detections"} <= families
+
+    def delta(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert [r.status_code for r in good] == [200] * 3 and [r.status_code for r in bad] == [400, 422]
+    assert delta("mrcnn_requests_total", status="200") == 3
+    assert delta("mrcnn_requests_total", status="400") == 1
+    assert delta("mrcnn_requests_total", status="422") == 1
+    assert delta("mrcnn_request_duration_seconds_count", status="200") == 3
+    assert delta("mrcnn_detections_total") == sum(len(r.json()["detections"]) for r in good)
+    assert delta("mrcnn_batch_size_sum") == 3 and delta("mrcnn_queue_wait_seconds_count") == 3
+    assert delta("mrcnn_inference_duration_seconds_count") >= 1
+    assert sample(after, "mrcnn_queue_depth") == 0
+
+
+def test_decoder_and_runtime_agree_with_the_server_input(model: OnnxModel) -> None:
+    """The reference path of these tests decodes exactly like the server."""
+    img = scene(7)
+    assert np.array_equal(decode_image(encode(img), MAX_PIXELS), img)
+    preds = model.predict([img, scene(8, (200, 100))], THRESHOLD)
+    assert [p.image_size for p in preds] == [(120, 160), (200, 100)]
+    for p in preds:
+        assert (p.boxes[:, 2] <= p.image_size[1]).all() and (p.boxes[:, 3] <= p.image_size[0]).all()
