@@ -161,6 +161,16 @@ def atomic_save(obj: object, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file via a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Point dst at src's content atomically (hard link, or a copy where links are not allowed)."""
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
@@ -255,7 +265,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),
     )  # keeps the global RNG untouched
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    write_text_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
     def state() -> dict:
         return {

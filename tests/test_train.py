@@ -18,8 +18,8 @@ TINY_MODEL = {"norm": "bn", "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_
 
 def _tiny(out_dir: Path, max_steps: int) -> TrainConfig:
     """r18_fpn on two 64-pixel synthetic images; lr steps inside the run so resuming must restore them."""
-    return TrainConfig(arch="r18_fpn", synthetic=3, synthetic_seed=1, min_size=64, max_size=96, batch_size=2,
-                       lr=0.01, max_steps=max_steps, warmup_steps=1, lr_steps=[1], checkpoint_every=1,
+    return TrainConfig(arch="r18_fpn", synthetic=3, synthetic_seed=1, min_size=48, max_size=64, batch_size=2,
+                       lr=0.01, max_steps=max_steps, warmup_steps=1, lr_steps=[1], checkpoint_every=10,
                        keep_checkpoints=0, log_every=1, out_dir=str(out_dir), device="cpu", model=TINY_MODEL)
 
 
@@ -77,3 +77,35 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     files = sorted(p.name for p in (tmp_path / "split").iterdir())
     assert not [f for f in files if f.endswith(".tmp")], files  # nothing half-written left behind
     assert {"checkpoint_0000001.pt", "checkpoint_0000002.pt", "last.pt", "config.json"} <= set(files)
+
+
+def test_failed_save_leaves_the_old_checkpoint(tmp_path: Path) -> None:
+    """A save that fails half way (here: an unpicklable object) must leave the previous file intact and
+    no temporary file behind."""
+    from model.train import atomic_save
+
+    path = tmp_path / "last.pt"
+    atomic_save({"step": 1}, path)
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickle raises
+        atomic_save({"step": 2, "bad": lambda: None}, path)
+    assert load_checkpoint(path) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_trains_on_a_coco_folder_with_an_empty_image(tmp_path: Path) -> None:
+    """The COCO path of training, including an image without annotations (kept as a negative)."""
+    import shutil
+
+    from model.data.shapes import write_coco
+
+    torch.set_num_threads(1)
+    data = tmp_path / "data"
+    ann = write_coco(data, num=2, seed=3)
+    coco = json.loads(ann.read_text())
+    shutil.copy(data / "images" / coco["images"][0]["file_name"], data / "images" / "empty.png")
+    coco["images"].append({**coco["images"][0], "id": 99, "file_name": "empty.png"})
+    ann.write_text(json.dumps(coco))
+    cfg = dataclasses.replace(_tiny(tmp_path / "run", 1), synthetic=None, data=str(data), batch_size=3)
+    ckpt = load_checkpoint(train(cfg, progress=False))
+    assert ckpt["step"] == 1
+    assert ckpt["class_names"] == ["__background__", "circle", "square", "triangle", "star"]
