@@ -2,8 +2,10 @@
 
 The numbers users compare against papers and other tools come from COCOeval, so this module does not
 compute AP itself: it turns model outputs into COCO results (xywh boxes, RLE masks at the original image
-size) and hands them to COCOeval. The same path serves an exported ONNX file (ONNX Runtime) and a
-training checkpoint (PyTorch), since both take and return the tensors of CONTRACT.md.
+size) and hands them to COCOeval. The same path serves an exported ONNX file and a training checkpoint
+(PyTorch), since both take and return the tensors of CONTRACT.md; ONNX files go through the service's
+runtime wrapper and masks through the service's post-processing, so the figures are those of what is
+served.
 
 CLI: ``python -m model.evaluate --checkpoint model.onnx|ckpt.pt --data DIR [--out results.json]``.
 """
@@ -21,9 +23,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -89,33 +89,6 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float = 0.5) -> np.ndarray:
-    """Binary full-image masks uint8 [D, height, width] from M x M probabilities and boxes in image pixels.
-
-    Follows torchvision's paste_masks_in_image: the M x M mask is padded by one pixel and its box grown
-    to match, so the bilinear resize does not clip the object's border; work per mask is proportional
-    to its box.
-    """
-    out = np.zeros((len(masks), height, width), np.uint8)
-    if len(masks) == 0:
-        return out
-    m = masks.shape[-1]
-    padded = np.pad(masks.astype(np.float32), ((0, 0), (1, 1), (1, 1)))
-    scale = (m + 2) / m
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * scale
-    grown = np.concatenate([centre - half, centre + half], axis=1).astype(np.int64)
-    for i, (x0, y0, x1, y1) in enumerate(grown):
-        w, h = max(int(x1 - x0 + 1), 1), max(int(y1 - y0 + 1), 1)
-        resized = cv2.resize(padded[i], (w, h), interpolation=cv2.INTER_LINEAR)
-        cx0, cy0 = max(int(x0), 0), max(int(y0), 0)
-        cx1, cy1 = min(int(x1) + 1, width), min(int(y1) + 1, height)
-        if cx1 <= cx0 or cy1 <= cy0:
-            continue
-        out[i, cy0:cy1, cx0:cx1] = resized[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] > threshold
-    return out
-
-
 def label_to_category(model_names: list[str], coco_gt: COCO) -> dict[int, int]:
     """Map model labels to the data set's category ids: by name when every model class exists in the
     data set, else by position (label i -> i-th category id in sorted order)."""
@@ -126,64 +99,48 @@ def label_to_category(model_names: list[str], coco_gt: COCO) -> dict[int, int]:
     return {i + 1: c for i, c in enumerate(sorted(coco_gt.getCatIds()))}
 
 
-def to_coco_results(
-    outputs: dict[str, np.ndarray],
-    b: int,
-    image_id: int,
-    orig_size: tuple[int, int],
-    resized: tuple[int, int],
-    cat_of_label: dict[int, int],
-) -> list[dict]:
-    """COCO results of image b of a batch: boxes mapped back to original pixels, masks pasted there."""
+def to_coco_results(outputs: dict[str, np.ndarray], b: int, image_id: int, orig_size: tuple[int, int],
+                    resized: tuple[int, int], cat_of_label: dict[int, int]) -> list[dict]:
+    """COCO results of image b of a batch: boxes mapped back to original pixels and masks pasted and
+    RLE-encoded there by the service's own post-processing, so AP measures what is served."""
+    from service.postprocess import encode_masks
+
     n = int(outputs["num_detections"][b])
     h, w = orig_size
     sy, sx = resized[0] / h, resized[1] / w
-    boxes = outputs["boxes"][b, :n].astype(np.float64) / np.array([sx, sy, sx, sy])
-    boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
-    boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
-    masks = paste_masks(outputs["masks"][b, :n], boxes, h, w)
+    boxes = outputs["boxes"][b, :n] / np.array([sx, sy, sx, sy], np.float32)
+    boxes = np.clip(boxes, 0, np.array([w, h, w, h], np.float32)).astype(np.float32)
+    rles = encode_masks(outputs["masks"][b, :n], boxes, (h, w), rle=True, polygons=False).rles or []
     results = []
     for k in range(n):
         label = int(outputs["labels"][b, k])
         if label not in cat_of_label:
             continue
-        rle = mask_utils.encode(np.asfortranarray(masks[k]))
         x0, y0, x1, y1 = (float(v) for v in boxes[k])
-        results.append(
-            {
-                "image_id": int(image_id),
-                "category_id": cat_of_label[label],
-                "score": float(outputs["scores"][b, k]),
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
-            }
-        )
+        results.append({"image_id": int(image_id), "category_id": cat_of_label[label],
+                        "score": float(outputs["scores"][b, k]), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "segmentation": rles[k]})
     return results
 
 
 class OnnxPredictor:
-    """An exported graph run with ONNX Runtime; reads class names and the size policy from metadata.
-
-    Interim: the service's runtime wrapper will replace this once it exists, so evaluation measures
-    exactly what is served.
-    """
+    """An exported graph run through the service's ONNX Runtime wrapper (same session checks, metadata
+    and inputs as serving); class names and the size policy come from the file's metadata."""
 
     def __init__(self, path: str | os.PathLike, score_threshold: float | None = EVAL_SCORE_THRESHOLD) -> None:
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.class_names: list[str] = json.loads(meta["class_names"])
-        self.min_size, self.max_size = int(meta["min_size"]), int(meta["max_size"])
-        self.input_names = {i.name for i in self.session.get_inputs()}
+        from service.runtime import OnnxModel
+
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.model = OnnxModel(path, providers=providers)
+        self.class_names: list[str] = list(self.model.class_names)
+        self.min_size, self.max_size = self.model.metadata.min_size, self.model.metadata.max_size
         self.score_threshold = score_threshold
 
     def __call__(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = {"images": images, "image_sizes": image_sizes.astype(np.int64)}
-        if self.score_threshold is not None and "score_threshold" in self.input_names:
-            feeds["score_threshold"] = np.full(len(images), self.score_threshold, np.float32)
-        names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, feeds), strict=True))
+        return self.model.run(images, image_sizes, self.score_threshold)
 
 
 class TorchPredictor:

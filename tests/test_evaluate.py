@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 
 from model.data.coco import CocoDataset
 from model.data.shapes import write_coco
-from model.evaluate import evaluate_predictions, format_table, paste_masks, predict_dataset
+from model.evaluate import evaluate_predictions, format_table, predict_dataset
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +56,6 @@ def test_wrong_class_scores_zero_and_shifted_masks_lower(shapes_gt: Path) -> Non
     shifted = [{**r, "bbox": [r["bbox"][0] + 0.3 * r["bbox"][2], *r["bbox"][1:]]} for r in _gt_as_results(gt)]
     bbox = evaluate_predictions(gt, shifted, iou_types=("bbox",))["bbox"]
     assert bbox["AP50"] > 0.9 and bbox["AP75"] < 0.5  # IoU 0.7/1.3 ~ 0.54: matches at 0.5, fails at 0.75
-
-
-def test_paste_masks_fills_the_box() -> None:
-    probs = np.ones((2, 28, 28), np.float32)
-    probs[1] = 0.0
-    boxes = np.array([[10, 5, 30, 25], [0, 0, 10, 10]], np.float32)
-    out = paste_masks(probs, boxes, 40, 50)
-    assert out.shape == (2, 40, 50) and out.dtype == np.uint8
-    ys, xs = np.nonzero(out[0])
-    assert abs(xs.min() - 10) <= 1 and abs(xs.max() - 30) <= 1 and abs(ys.min() - 5) <= 1
-    assert out[1].sum() == 0
 
 
 class _OraclePredictor:
