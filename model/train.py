@@ -65,6 +65,7 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     seed: int = 0
+    init_weights: str | None = None  # fine-tune from a checkpoint or state dict (e.g. torchvision's COCO one)
     model: dict = field(default_factory=dict)  # extra keyword arguments of build_model
 
     @classmethod
@@ -147,6 +148,19 @@ def build(cfg: TrainConfig, num_classes: int, device: torch.device):
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     return model, optimizer, scheduler
+
+
+def load_initial_weights(model: torch.nn.Module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Start from pretrained weights, the usual way to fine-tune: a model.train checkpoint or a plain state
+    dict with torchvision's names (its COCO maskrcnn_resnet50_fpn loads into r50_fpn). Tensors whose shape
+    differs, i.e. the class-specific predictor layers when num_classes changes, are left at their fresh
+    initialization. Returns (skipped keys of the file, model keys left untouched)."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    state = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(state) - set(usable)), sorted(set(own) - set(usable))
 
 
 def atomic_save(obj: object, path: Path) -> None:
@@ -254,6 +268,10 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
         step = int(ckpt["step"])
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
+    elif cfg.init_weights:
+        skipped, fresh = load_initial_weights(model, cfg.init_weights)
+        print(f"init weights {cfg.init_weights}: {len(fresh)} model tensors not loaded {fresh[:6]}, "
+              f"{len(skipped)} file tensors unused {skipped[:6]}", file=sys.stderr)
     dataset = DetectionDataset(
         source, cfg.train_min_sizes or cfg.min_size, cfg.max_size, train=True, flip_prob=cfg.flip_prob, seed=cfg.seed
     )
@@ -353,7 +371,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
         elif isinstance(value, list):
             parser.add_argument(flag, type=int, nargs="*", default=None)
         else:
-            kind = {"num_classes": int, "data": str, "synthetic": int}.get(f.name, type(value))
+            kind = {"num_classes": int, "data": str, "synthetic": int, "init_weights": str}.get(f.name, type(value))
             parser.add_argument(flag, type=kind, default=None, help=f"default: {value}")
     args = parser.parse_args(argv)
     values: dict = {}

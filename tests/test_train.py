@@ -109,3 +109,22 @@ def test_trains_on_a_coco_folder_with_an_empty_image(tmp_path: Path) -> None:
     ckpt = load_checkpoint(train(cfg, progress=False))
     assert ckpt["step"] == 1
     assert ckpt["class_names"] == ["__background__", "circle", "square", "triangle", "star"]
+
+
+def test_init_weights_skips_class_specific_layers(tmp_path: Path) -> None:
+    """Fine-tuning start: a 3-class model's weights initialize a 5-class model, except the layers whose
+    shape depends on the number of classes."""
+    from model import build_model
+    from model.train import load_initial_weights
+
+    torch.manual_seed(0)
+    source = build_model("r18_fpn", num_classes=3, norm="bn")
+    torch.save({"model": source.state_dict()}, tmp_path / "pretrained.pt")
+    target = build_model("r18_fpn", num_classes=5, norm="bn")
+    skipped, fresh = load_initial_weights(target, tmp_path / "pretrained.pt")
+    assert skipped == fresh and skipped  # exactly the class-dependent tensors, nothing else
+    assert len(skipped) == 6 and all("predictor" in k for k in skipped), skipped  # cls, box, mask logits
+    src, dst = source.state_dict(), target.state_dict()
+    for k, v in dst.items():
+        if k not in skipped:
+            torch.testing.assert_close(v, src[k], msg=k)
