@@ -202,17 +202,29 @@ def polygons_of(local: LocalMasks) -> list[list[list[float]]]:
     Holes are dropped (RETR_EXTERNAL). Following Detectron2, OpenCV's integer pixel coordinates get
     +0.5 (pixel centres in COCO's continuous coordinates) and polygons of fewer than 3 points are
     dropped, since COCO tools cannot rasterize them. Contours are found on the transposed block (its
-    zero separator column changes nothing), so x and y come back swapped and are swapped here.
+    zero separator column changes nothing), so x and y come back swapped. The coordinate arithmetic
+    and the conversion to Python floats are done once for all contours of all detections.
     """
-    out: list[list[list[float]]] = []
+    contours: list[np.ndarray] = []
+    owner: list[int] = []
     for i in range(len(local)):
         block = local.block_t(i)
-        if block.size == 0:
-            out.append([])
-            continue
-        contours, _ = cv2.findContours(block, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        off = np.array([local.x0[i], local.y0[i]], dtype=np.float64) + 0.5
-        out.append([(c.reshape(-1, 2)[:, ::-1] + off).ravel().tolist() for c in contours if len(c) >= 3])
+        if block.size:
+            found, _ = cv2.findContours(block, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            kept = [c for c in found if len(c) >= 3]
+            contours.extend(kept)
+            owner.extend([i] * len(kept))
+    out: list[list[list[float]]] = [[] for _ in range(len(local))]
+    if not contours:
+        return out
+    lengths = np.array([len(c) for c in contours])
+    det = np.repeat(np.array(owner), lengths)
+    pts = np.concatenate(contours).reshape(-1, 2)[:, ::-1].astype(np.float64)
+    pts += np.stack([local.x0[det], local.y0[det]], axis=1) + 0.5
+    flat = pts.ravel().tolist()
+    ends = np.cumsum(2 * lengths).tolist()
+    for k, (i, e) in enumerate(zip(owner, ends, strict=True)):
+        out[i].append(flat[e - 2 * int(lengths[k]) : e])
     return out
 
 
