@@ -94,7 +94,8 @@ class CocoDataset:
         JSON size and a mismatch would silently misalign them."""
         info = self.coco.imgs[image_id]
         path = self.images_dir / info["file_name"]
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        # Stored pixel order, as PIL (torchvision's loader) reads it: COCO sizes ignore EXIF orientation.
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if bgr is None:
             raise FileNotFoundError(f"cannot read image {path}")
         if bgr.shape[:2] != (info["height"], info["width"]):
