@@ -25,12 +25,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import MultiDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batcher import BatchStats, Draining, DynamicBatcher, QueueFull, Slot
 from service.images import ImageError, check_content_type, decode_image
 from service.metrics import Metrics
+from service.multipart import MultipartError, parse_multipart
 from service.postprocess import encode_masks
 from service.runtime import ModelLoadError, OnnxModel, Prediction, Resized
 from service.schemas import ErrorResponse, ModelResponse, SegmentOptions, SegmentResponse, Status
@@ -203,23 +204,17 @@ def check_raw_type(request: Request) -> None:
     check_content_type(ctype)
 
 
-async def image_and_form(request: Request, body: bytes) -> tuple[bytes, Any | None]:
-    """The image bytes (multipart field ``image`` or the raw body) and the form, if any."""
-    if not is_multipart(request):
-        return body, None
-
-    async def replay() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
+def image_from_multipart(body: bytes, content_type: str) -> tuple[bytes, MultiDict]:
+    """Worker thread: the ``image`` file part and the text fields of a multipart body."""
     try:
-        form = await Request(request.scope, replay).form()
-    except Exception as exc:
-        raise ApiError(400, "bad_multipart", f"the multipart body could not be parsed ({exc})") from None
-    field = form.get("image")
-    if not isinstance(field, UploadFile):
+        form = parse_multipart(body, content_type)
+    except MultipartError as exc:
+        raise ApiError(400, "bad_multipart", str(exc)) from None
+    part = form.files.get("image")
+    if part is None:
         raise ApiError(400, "missing_image", "multipart field 'image' (a file) is required")
-    check_content_type(field.content_type)
-    return await field.read(), form
+    check_content_type(part.content_type)
+    return part.data, form.fields
 
 
 # ---- post-processing (worker thread) -----------------------------------------------------------------
@@ -377,8 +372,11 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
         deadline: float,
     ) -> Response:
         body = await read_body(request, settings.max_upload_bytes)
-        data, form = await image_and_form(request, body)
-        opts = query_opts if form is None else parse_options([request.query_params, form], settings, model)
+        opts = query_opts
+        data = body
+        if is_multipart(request):
+            data, fields = await seg.in_pool(image_from_multipart, body, request.headers["content-type"])
+            opts = parse_options([request.query_params, fields], settings, model)
         try:
             async with asyncio.timeout(max(deadline - time.perf_counter(), 0.0)):
                 t_dec = time.perf_counter()

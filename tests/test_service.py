@@ -296,6 +296,8 @@ def _bomb() -> bytes:
         ({"content": b"not an image", "headers": {"content-type": "image/png"}}, 400, "undecodable_image"),
         ({"files": {"image": ("x.png", b"", "image/png")}}, 400, "empty_image"),
         ({"files": {"picture": ("x.png", b"abc", "image/png")}}, 400, "missing_image"),
+        ({"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=zz"}}, 400,
+         "bad_multipart"),
         ({"content": b"\0" * (MAX_UPLOAD + 1), "headers": {"content-type": "image/png"}}, 413,
          "payload_too_large"),
         ({"content": "bomb", "headers": {"content-type": "image/png"}}, 413, "image_too_large"),

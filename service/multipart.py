@@ -1,0 +1,94 @@
+"""Synchronous multipart/form-data parsing of an already-read body, for a worker thread.
+
+Starlette's ``Request.form()`` parses on the event loop; a 20 MB upload would hold the loop for tens
+of ms. Here python-multipart's streaming parser runs over the bytes in a thread instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.datastructures import MultiDict
+
+MAX_FIELD_BYTES = 64 * 1024  # option fields are short; a huge one is an error, not an option
+
+
+class MultipartError(ValueError):
+    """The body is not valid multipart/form-data."""
+
+
+@dataclass
+class FilePart:
+    filename: str
+    content_type: str | None
+    data: bytes
+
+
+@dataclass
+class Form:
+    fields: MultiDict = field(default_factory=MultiDict)
+    files: dict[str, FilePart] = field(default_factory=dict)
+
+
+@dataclass
+class _Part:
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    chunks: list[bytes] = field(default_factory=list)
+
+
+def parse_multipart(body: bytes, content_type: str) -> Form:
+    """Fields (as text) and files (first of each name) of a multipart body."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise MultipartError("multipart body without a boundary")
+    parts: list[_Part] = []
+    header: list[bytes] = [b"", b""]
+
+    def on_part_begin() -> None:
+        parts.append(_Part())
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def on_header_end() -> None:
+        parts[-1].headers[header[0].strip().lower()] = header[1].strip()
+        header[0], header[1] = b"", b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1].chunks.append(data[start:end])
+
+    callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                 "on_header_value": on_header_value, "on_header_end": on_header_end,
+                 "on_part_data": on_part_data}
+    try:
+        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser.write(body)
+        parser.finalize()
+    except Exception as exc:
+        raise MultipartError(f"malformed multipart body ({exc})") from None
+    return _collect(parts)
+
+
+def _collect(parts: list[_Part]) -> Form:
+    form = Form()
+    items: list[tuple[str, str]] = []
+    for part in parts:
+        _, disp = parse_options_header(part.headers.get(b"content-disposition", b""))
+        name = disp.get(b"name", b"").decode("utf-8", "replace")
+        data = b"".join(part.chunks)
+        if b"filename" in disp:
+            if name not in form.files:
+                ctype = part.headers.get(b"content-type")
+                form.files[name] = FilePart(disp[b"filename"].decode("utf-8", "replace"),
+                                            ctype.decode("latin-1") if ctype else None, data)
+        elif name:
+            if len(data) > MAX_FIELD_BYTES:
+                raise MultipartError(f"form field {name!r} is too long")
+            items.append((name, data.decode("utf-8", "replace")))
+    form.fields = MultiDict(items)
+    return form
