@@ -99,8 +99,14 @@ def label_to_category(model_names: list[str], coco_gt: COCO) -> dict[int, int]:
     return {i + 1: c for i, c in enumerate(sorted(coco_gt.getCatIds()))}
 
 
-def to_coco_results(outputs: dict[str, np.ndarray], b: int, image_id: int, orig_size: tuple[int, int],
-                    resized: tuple[int, int], cat_of_label: dict[int, int]) -> list[dict]:
+def to_coco_results(
+    outputs: dict[str, np.ndarray],
+    b: int,
+    image_id: int,
+    orig_size: tuple[int, int],
+    resized: tuple[int, int],
+    cat_of_label: dict[int, int],
+) -> list[dict]:
     """COCO results of image b of a batch: boxes mapped back to original pixels and masks pasted and
     RLE-encoded there by the service's own post-processing, so AP measures what is served."""
     from service.postprocess import encode_masks
@@ -117,9 +123,15 @@ def to_coco_results(outputs: dict[str, np.ndarray], b: int, image_id: int, orig_
         if label not in cat_of_label:
             continue
         x0, y0, x1, y1 = (float(v) for v in boxes[k])
-        results.append({"image_id": int(image_id), "category_id": cat_of_label[label],
-                        "score": float(outputs["scores"][b, k]), "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "segmentation": rles[k]})
+        results.append(
+            {
+                "image_id": int(image_id),
+                "category_id": cat_of_label[label],
+                "score": float(outputs["scores"][b, k]),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "segmentation": rles[k],
+            }
+        )
     return results
 
 

@@ -270,8 +270,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
             set_rng_state(ckpt["rng"])
     elif cfg.init_weights:
         skipped, fresh = load_initial_weights(model, cfg.init_weights)
-        print(f"init weights {cfg.init_weights}: {len(fresh)} model tensors not loaded {fresh[:6]}, "
-              f"{len(skipped)} file tensors unused {skipped[:6]}", file=sys.stderr)
+        print(
+            f"init weights {cfg.init_weights}: {len(fresh)} model tensors not loaded {fresh[:6]}, "
+            f"{len(skipped)} file tensors unused {skipped[:6]}",
+            file=sys.stderr,
+        )
     dataset = DetectionDataset(
         source, cfg.train_min_sizes or cfg.min_size, cfg.max_size, train=True, flip_prob=cfg.flip_prob, seed=cfg.seed
     )

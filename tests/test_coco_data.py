@@ -35,25 +35,56 @@ def handmade(tmp_path: Path) -> Path:
     blob[15:20, 30:35] = 1
     stripe = np.zeros((h, w), np.uint8)
     stripe[30:38, 2:58] = 1
-    uncompressed = mask_utils.frPyObjects(
-        {"size": [h, w], "counts": _uncompressed_counts(stripe)}, h, w)
+    uncompressed = mask_utils.frPyObjects({"size": [h, w], "counts": _uncompressed_counts(stripe)}, h, w)
     assert mask_utils.decode(uncompressed).sum() == stripe.sum()
     crowd = np.zeros((h, w), np.uint8)
     crowd[0:4, 0:4] = 1
     anns = [
-        {"id": 1, "image_id": 1, "category_id": 7, "iscrowd": 0, "bbox": [10, 20, 10, 10], "area": 100,
-         "segmentation": [[10, 20, 20, 20, 20, 30, 10, 30]]},  # polygon square
-        {"id": 2, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [30, 5, 20, 15], "area": 225,
-         "segmentation": _rle(blob)},
-        {"id": 3, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [2, 30, 56, 8], "area": 448,
-         "segmentation": {"size": [h, w], "counts": _uncompressed_counts(stripe)}},
-        {"id": 4, "image_id": 1, "category_id": 7, "iscrowd": 1, "bbox": [0, 0, 4, 4], "area": 16,
-         "segmentation": _rle(crowd)},
+        {
+            "id": 1,
+            "image_id": 1,
+            "category_id": 7,
+            "iscrowd": 0,
+            "bbox": [10, 20, 10, 10],
+            "area": 100,
+            "segmentation": [[10, 20, 20, 20, 20, 30, 10, 30]],
+        },  # polygon square
+        {
+            "id": 2,
+            "image_id": 1,
+            "category_id": 3,
+            "iscrowd": 0,
+            "bbox": [30, 5, 20, 15],
+            "area": 225,
+            "segmentation": _rle(blob),
+        },
+        {
+            "id": 3,
+            "image_id": 1,
+            "category_id": 3,
+            "iscrowd": 0,
+            "bbox": [2, 30, 56, 8],
+            "area": 448,
+            "segmentation": {"size": [h, w], "counts": _uncompressed_counts(stripe)},
+        },
+        {
+            "id": 4,
+            "image_id": 1,
+            "category_id": 7,
+            "iscrowd": 1,
+            "bbox": [0, 0, 4, 4],
+            "area": 16,
+            "segmentation": _rle(crowd),
+        },
     ]
-    data = {"images": [{"id": 1, "file_name": "a.png", "height": h, "width": w},
-                       {"id": 2, "file_name": "b.png", "height": 30, "width": 20}],
-            "annotations": anns,
-            "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}]}
+    data = {
+        "images": [
+            {"id": 1, "file_name": "a.png", "height": h, "width": w},
+            {"id": 2, "file_name": "b.png", "height": 30, "width": 20},
+        ],
+        "annotations": anns,
+        "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}],
+    }
     (tmp_path / "instances.json").write_text(json.dumps(data))
     return tmp_path
 

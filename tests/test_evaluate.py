@@ -30,8 +30,16 @@ def _gt(root: Path) -> COCO:
 
 
 def _gt_as_results(coco: COCO) -> list[dict]:
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
-             "segmentation": a["segmentation"]} for a in coco.dataset["annotations"]]
+    return [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 1.0,
+            "segmentation": a["segmentation"],
+        }
+        for a in coco.dataset["annotations"]
+    ]
 
 
 def test_ground_truth_scores_one(shapes_gt: Path) -> None:
@@ -76,9 +84,13 @@ class _OraclePredictor:
 
         d, m = 10, 28
         b = len(images)
-        out = {"boxes": np.zeros((b, d, 4), np.float32), "scores": np.zeros((b, d), np.float32),
-               "labels": np.zeros((b, d), np.int64), "masks": np.zeros((b, d, m, m), np.float32),
-               "num_detections": np.zeros(b, np.int64)}
+        out = {
+            "boxes": np.zeros((b, d, 4), np.float32),
+            "scores": np.zeros((b, d), np.float32),
+            "labels": np.zeros((b, d), np.int64),
+            "masks": np.zeros((b, d, m, m), np.float32),
+            "num_detections": np.zeros(b, np.int64),
+        }
         for i in range(b):
             s = self.dataset.load(self.calls + i)
             nh, nw = resized_size(s.height, s.width, self.min_size, self.max_size)
@@ -119,16 +131,28 @@ def test_cli_on_an_untrained_checkpoint(shapes_gt: Path, tmp_path: Path, capsys)
     from model.train import TrainConfig, atomic_save, build
 
     torch.set_num_threads(1)
-    cfg = TrainConfig(arch="r18_fpn", num_classes=5, min_size=96, max_size=128,
-                      model={"norm": "bn", "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50})
+    cfg = TrainConfig(
+        arch="r18_fpn",
+        num_classes=5,
+        min_size=96,
+        max_size=128,
+        model={"norm": "bn", "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50},
+    )
     model, optimizer, scheduler = build(cfg, 5, torch.device("cpu"))
     ckpt = tmp_path / "untrained.pt"
-    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "step": 0, "config": dataclasses.asdict(cfg),
-                 "class_names": ["__background__", "circle", "square", "triangle", "star"]}, ckpt)
+    atomic_save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": 0,
+            "config": dataclasses.asdict(cfg),
+            "class_names": ["__background__", "circle", "square", "triangle", "star"],
+        },
+        ckpt,
+    )
     out = tmp_path / "eval" / "results.json"
-    main(["--checkpoint", str(ckpt), "--data", str(shapes_gt), "--out", str(out), "--limit", "2",
-          "--batch-size", "2"])
+    main(["--checkpoint", str(ckpt), "--data", str(shapes_gt), "--out", str(out), "--limit", "2", "--batch-size", "2"])
     assert "bbox" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["num_images"] == 2 and (report["min_size"], report["max_size"]) == (96, 128)
@@ -145,23 +169,38 @@ def _constant_onnx(path: Path) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     d, m = 4, 28
-    consts = {"boxes": np.zeros((1, d, 4), np.float32), "scores": np.zeros((1, d), np.float32),
-              "labels": np.zeros((1, d), np.int64), "masks": np.zeros((1, d, m, m), np.float32),
-              "num_detections": np.ones(1, np.int64)}
+    consts = {
+        "boxes": np.zeros((1, d, 4), np.float32),
+        "scores": np.zeros((1, d), np.float32),
+        "labels": np.zeros((1, d), np.int64),
+        "masks": np.zeros((1, d, m, m), np.float32),
+        "num_detections": np.ones(1, np.int64),
+    }
     consts["boxes"][0, 0] = (0, 0, 32, 32)
     consts["scores"][0, 0], consts["labels"][0, 0], consts["masks"][0, 0] = 0.9, 1, 1.0
-    nodes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(v, name + "_value"))
-             for name, v in consts.items()]
-    inputs = [helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", 3, "H", "W"]),
-              helper.make_tensor_value_info("image_sizes", TensorProto.INT64, ["B", 2])]
-    outputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
-               for name, v in consts.items()]
-    model = helper.make_model(helper.make_graph(nodes, "constant", inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    nodes = [
+        helper.make_node("Constant", [], [name], value=numpy_helper.from_array(v, name + "_value"))
+        for name, v in consts.items()
+    ]
+    inputs = [
+        helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", 3, "H", "W"]),
+        helper.make_tensor_value_info("image_sizes", TensorProto.INT64, ["B", 2]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+        for name, v in consts.items()
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "constant", inputs, outputs), opset_imports=[helper.make_opsetid("", 17)]
+    )
     model.ir_version = 8
-    meta = {"format_version": "1", "class_names": json.dumps(["__background__", "circle", "square",
-                                                                  "triangle", "star"]),
-            "mask_size": str(m), "min_size": "64", "max_size": "96"}
+    meta = {
+        "format_version": "1",
+        "class_names": json.dumps(["__background__", "circle", "square", "triangle", "star"]),
+        "mask_size": str(m),
+        "min_size": "64",
+        "max_size": "96",
+    }
     helper.set_model_props(model, meta)
     onnx.save(model, str(path))
 

@@ -21,8 +21,7 @@ from model.data.shapes import (
 
 def test_class_names_and_categories() -> None:
     assert CLASS_NAMES == ("circle", "square", "triangle", "star")
-    assert [(c["id"], c["name"]) for c in categories()] == [(1, "circle"), (2, "square"), (3, "triangle"),
-                                                             (4, "star")]
+    assert [(c["id"], c["name"]) for c in categories()] == [(1, "circle"), (2, "square"), (3, "triangle"), (4, "star")]
 
 
 def test_generator_is_deterministic() -> None:

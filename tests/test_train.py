@@ -11,16 +11,37 @@ import torch
 
 from model.train import TrainConfig, load_checkpoint, lr_factor, parse_args, train
 
-TINY_MODEL = {"norm": "bn", "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
-              "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 32,
-              "detections_per_img": 10}
+TINY_MODEL = {
+    "norm": "bn",
+    "rpn_pre_nms_top_n_train": 100,
+    "rpn_post_nms_top_n_train": 50,
+    "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 50,
+    "box_batch_size_per_image": 32,
+    "detections_per_img": 10,
+}
 
 
 def _tiny(out_dir: Path, max_steps: int) -> TrainConfig:
     """r18_fpn on two 64-pixel synthetic images; lr steps inside the run so resuming must restore them."""
-    return TrainConfig(arch="r18_fpn", synthetic=3, synthetic_seed=1, min_size=48, max_size=64, batch_size=2,
-                       lr=0.01, max_steps=max_steps, warmup_steps=1, lr_steps=[1], checkpoint_every=10,
-                       keep_checkpoints=0, log_every=1, out_dir=str(out_dir), device="cpu", model=TINY_MODEL)
+    return TrainConfig(
+        arch="r18_fpn",
+        synthetic=3,
+        synthetic_seed=1,
+        min_size=48,
+        max_size=64,
+        batch_size=2,
+        lr=0.01,
+        max_steps=max_steps,
+        warmup_steps=1,
+        lr_steps=[1],
+        checkpoint_every=10,
+        keep_checkpoints=0,
+        log_every=1,
+        out_dir=str(out_dir),
+        device="cpu",
+        model=TINY_MODEL,
+    )
 
 
 def test_lr_schedule() -> None:

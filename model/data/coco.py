@@ -72,8 +72,12 @@ class CocoDataset:
     kept: they are legitimate negatives for training and count for evaluation.
     """
 
-    def __init__(self, root: str | os.PathLike, ann_file: str | os.PathLike | None = None,
-                 images_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        ann_file: str | os.PathLike | None = None,
+        images_dir: str | os.PathLike | None = None,
+    ) -> None:
         self.root = Path(root)
         self.ann_file = Path(ann_file) if ann_file else find_annotation_file(self.root)
         if images_dir:
@@ -99,8 +103,9 @@ class CocoDataset:
         if bgr is None:
             raise FileNotFoundError(f"cannot read image {path}")
         if bgr.shape[:2] != (info["height"], info["width"]):
-            raise ValueError(f"{path}: size {bgr.shape[1]}x{bgr.shape[0]} differs from the JSON's "
-                             f"{info['width']}x{info['height']}")
+            raise ValueError(
+                f"{path}: size {bgr.shape[1]}x{bgr.shape[0]} differs from the JSON's {info['width']}x{info['height']}"
+            )
         return np.ascontiguousarray(bgr[..., ::-1])
 
     def load(self, index: int) -> Sample:
@@ -115,8 +120,7 @@ class CocoDataset:
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         anns = [a for a, k in zip(anns, keep, strict=True) if k]
-        masks = (np.stack([self.coco.annToMask(a) for a in anns]) if anns
-                 else np.zeros((0, h, w), np.uint8))
+        masks = np.stack([self.coco.annToMask(a) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
         labels = np.array([self.label_of_cat[a["category_id"]] for a in anns], dtype=np.int64)
         return Sample(image=image, boxes=boxes[keep], labels=labels, masks=masks, image_id=image_id)
 
@@ -126,8 +130,13 @@ def hflip(sample: Sample) -> Sample:
     w = sample.width
     boxes = sample.boxes.copy()
     boxes[:, [0, 2]] = w - sample.boxes[:, [2, 0]]
-    return Sample(image=np.ascontiguousarray(sample.image[:, ::-1]), boxes=boxes, labels=sample.labels,
-                  masks=np.ascontiguousarray(sample.masks[:, :, ::-1]), image_id=sample.image_id)
+    return Sample(
+        image=np.ascontiguousarray(sample.image[:, ::-1]),
+        boxes=boxes,
+        labels=sample.labels,
+        masks=np.ascontiguousarray(sample.masks[:, :, ::-1]),
+        image_id=sample.image_id,
+    )
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -168,8 +177,11 @@ def prepare(sample: Sample, min_size: int, max_size: int, flip: bool = False) ->
     image = torch.from_numpy(resize_image(sample.image, (nh, nw))).permute(2, 0, 1).contiguous()
     boxes = torch.from_numpy(sample.boxes.astype(np.float32)).reshape(-1, 4)
     boxes = boxes * torch.tensor([nw / w, nh / h, nw / w, nh / h])
-    target = {"boxes": boxes, "labels": torch.from_numpy(sample.labels.astype(np.int64)),
-              "masks": resize_masks(sample.masks.astype(np.uint8), (nh, nw))}
+    target = {
+        "boxes": boxes,
+        "labels": torch.from_numpy(sample.labels.astype(np.int64)),
+        "masks": resize_masks(sample.masks.astype(np.uint8), (nh, nw)),
+    }
     return Item(image=image, target=target, image_id=sample.image_id, orig_size=(h, w))
 
 
@@ -181,8 +193,15 @@ class DetectionDataset(torch.utils.data.Dataset):
     `min_size` may be a sequence (multi-scale training: one picked per image).
     """
 
-    def __init__(self, source: Source, min_size: int | Sequence[int], max_size: int, train: bool = True,
-                 flip_prob: float = 0.5, seed: int = 0) -> None:
+    def __init__(
+        self,
+        source: Source,
+        min_size: int | Sequence[int],
+        max_size: int,
+        train: bool = True,
+        flip_prob: float = 0.5,
+        seed: int = 0,
+    ) -> None:
         self.source = source
         self.min_sizes = [int(min_size)] if isinstance(min_size, int) else [int(s) for s in min_size]
         self.max_size = int(max_size)
@@ -225,7 +244,10 @@ def pad_images(images: Sequence[torch.Tensor], divisor: int = SIZE_DIVISIBILITY)
 
 def collate(items: Sequence[Item]) -> Batch:
     """Batch items of different sizes as CONTRACT.md specifies."""
-    return Batch(images=pad_images([it.image for it in items]),
-                 image_sizes=torch.tensor([tuple(it.image.shape[1:]) for it in items], dtype=torch.int64),
-                 targets=[it.target for it in items], image_ids=[it.image_id for it in items],
-                 orig_sizes=[it.orig_size for it in items])
+    return Batch(
+        images=pad_images([it.image for it in items]),
+        image_sizes=torch.tensor([tuple(it.image.shape[1:]) for it in items], dtype=torch.int64),
+        targets=[it.target for it in items],
+        image_ids=[it.image_id for it in items],
+        orig_sizes=[it.orig_size for it in items],
+    )

@@ -94,8 +94,17 @@ def _clutter(rng: np.random.Generator, canvas: np.ndarray, short: int) -> None:
         elif kind == 1:  # open arc
             axes = (int(rng.integers(8, short // 3)), int(rng.integers(8, short // 3)))
             start = float(rng.uniform(0, 360))
-            cv2.ellipse(canvas, (cx, cy), axes, float(rng.uniform(0, 180)), start,
-                        start + float(rng.uniform(60, 270)), colour, int(rng.integers(1, 5)), cv2.LINE_AA)
+            cv2.ellipse(
+                canvas,
+                (cx, cy),
+                axes,
+                float(rng.uniform(0, 180)),
+                start,
+                start + float(rng.uniform(60, 270)),
+                colour,
+                int(rng.integers(1, 5)),
+                cv2.LINE_AA,
+            )
         elif kind == 2:  # cross / plus sign
             arm = int(rng.integers(6, max(short // 8, 7)))
             thick = int(rng.integers(2, max(arm // 2, 3)))
@@ -134,8 +143,9 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float, rng: np.ra
     return np.stack([cx + radii * np.cos(t), cy + radii * np.sin(t)], axis=1)
 
 
-def _shape_mask(kind: str, h: int, w: int, cx: float, cy: float, r: float, angle: float,
-                rng: np.random.Generator) -> np.ndarray:
+def _shape_mask(
+    kind: str, h: int, w: int, cx: float, cy: float, r: float, angle: float, rng: np.random.Generator
+) -> np.ndarray:
     """Binary mask uint8 [H, W] of one whole shape, drawn with sub-pixel precision and no anti-aliasing
     so the mask is exactly the set of pixels that get painted."""
     mask = np.zeros((h, w), np.uint8)
@@ -205,8 +215,13 @@ def generate(seed: int, index: int) -> Sample:
     area, full_area = visible.sum(axis=(1, 2)), full_arr.sum(axis=(1, 2))
     keep = (area >= MIN_VISIBLE_PIXELS) & (area >= MIN_VISIBLE_FRACTION * full_area)
     visible = visible[keep]
-    return Sample(image=image, boxes=boxes_from_masks(visible),
-                  labels=np.asarray(labels, dtype=np.int64)[keep], masks=visible, image_id=index + 1)
+    return Sample(
+        image=image,
+        boxes=boxes_from_masks(visible),
+        labels=np.asarray(labels, dtype=np.int64)[keep],
+        masks=visible,
+        image_id=index + 1,
+    )
 
 
 class ShapesDataset:
@@ -244,9 +259,17 @@ def coco_annotations(sample: Sample, first_id: int) -> list[dict]:
     anns = []
     for k in range(len(sample.labels)):
         x1, y1, x2, y2 = (float(v) for v in sample.boxes[k])
-        anns.append({"id": first_id + k, "image_id": sample.image_id, "category_id": int(sample.labels[k]),
-                     "segmentation": encode_rle(sample.masks[k]), "area": float(sample.masks[k].sum()),
-                     "bbox": [x1, y1, x2 - x1, y2 - y1], "iscrowd": 0})
+        anns.append(
+            {
+                "id": first_id + k,
+                "image_id": sample.image_id,
+                "category_id": int(sample.labels[k]),
+                "segmentation": encode_rle(sample.masks[k]),
+                "area": float(sample.masks[k].sum()),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "iscrowd": 0,
+            }
+        )
     return anns
 
 
@@ -266,11 +289,14 @@ def write_coco(out: str | os.PathLike, num: int, seed: int, image_format: str = 
         name = f"{sample.image_id:06d}.{image_format}"
         if not cv2.imwrite(str(out / "images" / name), sample.image[..., ::-1], params):
             raise OSError(f"could not write {out / 'images' / name}")
-        images.append({"id": sample.image_id, "file_name": name, "width": sample.width,
-                       "height": sample.height})
+        images.append({"id": sample.image_id, "file_name": name, "width": sample.width, "height": sample.height})
         annotations += coco_annotations(sample, first_id=len(annotations) + 1)
-    dataset = {"info": {"description": f"synthetic shapes, seed {seed}", "version": "1"},
-               "images": images, "annotations": annotations, "categories": categories()}
+    dataset = {
+        "info": {"description": f"synthetic shapes, seed {seed}", "version": "1"},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories(),
+    }
     path = out / "instances.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(dataset))
