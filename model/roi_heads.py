@@ -170,7 +170,7 @@ class RoIHeads(nn.Module):
         score_threshold: Tensor | None,
     ) -> dict[str, Tensor]:
         b, p = proposals.shape[:2]
-        batch_of_row = torch.arange(b, device=proposals.device).repeat_interleave(p)
+        batch_of_row = torch.div(torch.arange(b * p, device=proposals.device), p, rounding_mode="floor")
         x = self.box_head(self.box_roi_pool(features, proposals.reshape(-1, 4), batch_of_row))
         class_logits, box_regression = self.box_predictor(x)
         threshold = torch.full((b,), self.score_thresh, device=proposals.device)

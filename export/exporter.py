@@ -1,0 +1,291 @@
+"""PyTorch Mask R-CNN -> one self-describing, batched ONNX graph, verified against PyTorch.
+
+The graph is the model's own inference path (``MaskRCNN.forward`` in eval mode) traced by
+``torch.export``; the custom RoIAlign and NMS ops become ONNX ``RoiAlign`` and ``NonMaxSuppression``.
+Before tracing, batch norms are folded into the convolutions they follow. The file is written to a
+temporary name and only moved into place once ONNX Runtime reproduces PyTorch's detections.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from export.onnx_ops import translation_table
+from model.mask_rcnn import MaskRCNN
+from model.roi_heads import MASK_SIZE
+
+FORMAT_VERSION = "1"
+INPUT_NAMES = ["images", "image_sizes", "score_threshold"]
+OUTPUT_NAMES = ["boxes", "scores", "labels", "masks", "num_detections"]
+SIZE_DIVISIBILITY = 32
+DEFAULT_OPSET = 18
+# Verification tolerances (the export contract): boxes within 1e-3 px, scores within 1e-4,
+# identical labels, masks with mean IoU >= 0.99 after the 0.5 threshold.
+BOX_TOLERANCE = 1e-3
+SCORE_TOLERANCE = 1e-4
+MIN_MASK_IOU = 0.99
+
+
+class ExportError(RuntimeError):
+    """An export that must not produce a file; the message is one readable line."""
+
+
+@dataclass
+class ExportConfig:
+    arch: str
+    class_names: list[str]
+    min_size: int = 800
+    max_size: int = 1333
+    score_threshold: float = 0.05
+    nms_threshold: float = 0.5
+    detections_per_image: int = 100
+    opset: int = DEFAULT_OPSET
+    model_name: str = "maskrcnn"
+    model_version: str = "1"
+    extra_metadata: dict[str, str] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "architecture": self.arch,
+            "class_names": json.dumps(self.class_names),
+            "mask_size": str(MASK_SIZE),
+            "min_size": str(self.min_size),
+            "max_size": str(self.max_size),
+            "size_divisibility": str(SIZE_DIVISIBILITY),
+            "score_threshold": str(self.score_threshold),
+            "nms_threshold": str(self.nms_threshold),
+            "detections_per_image": str(self.detections_per_image),
+            "normalization": "in_graph",
+            **self.extra_metadata,
+        }
+
+
+class InferenceGraph(nn.Module):
+    """The exported signature: named tensors in, the fixed-size tuple of outputs out."""
+
+    def __init__(self, model: MaskRCNN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor, image_sizes: Tensor, score_threshold: Tensor) -> tuple[Tensor, ...]:
+        # One threshold per image, or one for all: the file's default is a single value.
+        last = score_threshold.shape[0] - 1
+        per_image = score_threshold[torch.arange(images.shape[0]).clamp(max=last)]
+        result = self.model(images, image_sizes, None, per_image)
+        return tuple(result[name] for name in OUTPUT_NAMES)
+
+
+def fold_batch_norms(module: nn.Module) -> nn.Module:
+    """Fold every (frozen) batch norm that directly follows a convolution into that convolution.
+
+    Inference-time batch norm is a per-channel affine map, so conv -> BN is one conv with rescaled
+    weights and a bias; this removes a full pass over every backbone activation.
+    """
+    for parent in module.modules():
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d | FrozenBatchNorm2d):
+                setattr(parent, conv_name, _folded(conv, bn))
+                setattr(parent, bn_name, nn.Identity())
+    return module
+
+
+def _folded(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups
+    )
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight * scale[:, None, None, None])
+        fused.bias.copy_(bias)
+    return fused
+
+
+def sample_batch(sizes: list[tuple[int, int]], seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A zero-padded uint8 batch of random images with the given real sizes (padded to multiples of 32)."""
+    g = torch.Generator().manual_seed(seed)
+    height = max(h for h, _ in sizes)
+    width = max(w for _, w in sizes)
+    height += -height % SIZE_DIVISIBILITY
+    width += -width % SIZE_DIVISIBILITY
+    images = torch.zeros(len(sizes), 3, height, width, dtype=torch.uint8)
+    for i, (h, w) in enumerate(sizes):
+        images[i, :, :h, :w] = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+    return images, torch.tensor(sizes, dtype=torch.int64)
+
+
+def _trace(model: MaskRCNN, path: Path, opset: int, sample: tuple[Tensor, Tensor]) -> None:
+    images, image_sizes = sample
+    batch = torch.export.Dim("batch", min=1, max=256)
+    # Height and width are multiples of 32 by contract; expressing that lets the tracer prove it.
+    h32 = torch.export.Dim("h32", min=1, max=512)
+    w32 = torch.export.Dim("w32", min=1, max=512)
+    program = torch.onnx.export(
+        InferenceGraph(model).eval(),
+        (images, image_sizes, torch.zeros(images.shape[0] + 1)),
+        dynamic_shapes={
+            "images": {0: batch, 2: SIZE_DIVISIBILITY * h32, 3: SIZE_DIVISIBILITY * w32},
+            "image_sizes": {0: batch},
+            "score_threshold": {0: torch.export.Dim("thresholds", min=1, max=256)},
+        },
+        input_names=INPUT_NAMES,
+        output_names=OUTPUT_NAMES,
+        custom_translation_table=translation_table(),
+        opset_version=opset,
+        dynamo=True,
+        optimize=True,
+        verbose=False,
+    )
+    program.save(str(path))
+
+
+def _finalize(path: Path, config: ExportConfig) -> None:
+    """Readable dimension names, a default for ``score_threshold``, metadata, and onnx.checker."""
+    graph_model = onnx.load(str(path))
+    graph = graph_model.graph
+    dim_names = {"boxes": "detections", "scores": "detections", "labels": "detections", "masks": "detections"}
+    for output in graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if output.name in dim_names:
+            dims[1].dim_param = dim_names[output.name]
+    for value in list(graph.input) + list(graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and value.name != "score_threshold":
+            dims[0].dim_param = "batch"
+    # An initializer with an input's name is that input's default: callers may omit it.
+    default = np.array([config.score_threshold], dtype=np.float32)
+    graph.initializer.append(onnx.numpy_helper.from_array(default, "score_threshold"))
+    del graph_model.metadata_props[:]
+    for key, value in config.metadata().items():
+        graph_model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(graph_model)
+    onnx.save(graph_model, str(path))
+
+
+@dataclass
+class Verification:
+    batch_size: int
+    max_box_error: float
+    max_score_error: float
+    labels_equal: bool
+    mask_iou: float
+    detections: int
+
+    def ok(self) -> bool:
+        return (
+            self.labels_equal
+            and self.max_box_error <= BOX_TOLERANCE
+            and self.max_score_error <= SCORE_TOLERANCE
+            and self.mask_iou >= MIN_MASK_IOU
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"batch {self.batch_size}: {self.detections} detections, max box error {self.max_box_error:.2e} px, "
+            f"max score error {self.max_score_error:.2e}, labels {'equal' if self.labels_equal else 'DIFFER'}, "
+            f"mask IoU {self.mask_iou:.4f}"
+        )
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean IoU of two stacks of binary masks [N, ...]; two empty masks count as identical."""
+    if len(a) == 0:
+        return 1.0
+    a = a.reshape(len(a), -1)
+    b = b.reshape(len(b), -1)
+    inter = (a & b).sum(1)
+    union = (a | b).sum(1)
+    return float(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean())
+
+
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> Verification:
+    """Compare two sets of graph outputs on the valid rows of each image."""
+    counts_equal = np.array_equal(reference["num_detections"], candidate["num_detections"])
+    box_err = score_err = 0.0
+    labels_equal = counts_equal
+    ious, total = [], 0
+    if counts_equal:
+        for i, n in enumerate(reference["num_detections"].tolist()):
+            total += n
+            box_err = max(box_err, float(np.abs(reference["boxes"][i, :n] - candidate["boxes"][i, :n]).max(initial=0)))
+            score_err = max(
+                score_err, float(np.abs(reference["scores"][i, :n] - candidate["scores"][i, :n]).max(initial=0))
+            )
+            labels_equal &= np.array_equal(reference["labels"][i, :n], candidate["labels"][i, :n])
+            ious.append(mask_iou(reference["masks"][i, :n] > 0.5, candidate["masks"][i, :n] > 0.5))
+    return Verification(
+        batch_size=len(reference["num_detections"]),
+        max_box_error=box_err if counts_equal else float("inf"),
+        max_score_error=score_err if counts_equal else float("inf"),
+        labels_equal=bool(labels_equal),
+        mask_iou=float(np.mean(ious)) if ious else (1.0 if counts_equal else 0.0),
+        detections=total,
+    )
+
+
+def run_torch(model: MaskRCNN, images: Tensor, image_sizes: Tensor) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        result = model(images, image_sizes)
+    return {name: result[name].numpy() for name in OUTPUT_NAMES}
+
+
+def run_onnx(session: ort.InferenceSession, images: Tensor, image_sizes: Tensor) -> dict[str, np.ndarray]:
+    outputs = session.run(OUTPUT_NAMES, {"images": images.numpy(), "image_sizes": image_sizes.numpy()})
+    return dict(zip(OUTPUT_NAMES, outputs, strict=True))
+
+
+def verification_samples(min_size: int) -> list[tuple[Tensor, Tensor]]:
+    """One image, and a batch of images with different real sizes (around the model's input size)."""
+    side = max(64, min(min_size, 320))
+    return [
+        sample_batch([(side, side + side // 2)], seed=1),
+        sample_batch([(side, side), (side - 40, side + 24), (side + 32, side - 8)], seed=2),
+    ]
+
+
+def verify(model: MaskRCNN, path: Path, samples: list[tuple[Tensor, Tensor]]) -> list[Verification]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [compare(run_torch(model, *s), run_onnx(session, *s)) for s in samples]
+
+
+def export_model(model: MaskRCNN, out: Path, config: ExportConfig, log=print) -> list[Verification]:
+    """Export, finalize and verify ``model`` into ``out``; on any failure no file is left at ``out``."""
+    out = Path(out)
+    model = fold_batch_norms(model.eval())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        log("export: tracing with torch.export and converting to ONNX")
+        _trace(model, tmp, config.opset, sample_batch([(256, 320), (192, 256)], seed=0))
+        log("optimize: metadata, named dimensions, onnx.checker")
+        _finalize(tmp, config)
+        log("verify: ONNX Runtime vs PyTorch")
+        results = verify(model, tmp, verification_samples(config.min_size))
+        for result in results:
+            log(f"  {result}")
+        failed = [r for r in results if not r.ok()]
+        if failed:
+            raise ExportError(f"ONNX Runtime disagrees with PyTorch: {failed[0]}")
+        os.replace(tmp, out)
+        return results
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny models with random weights (fixed seeds), exported once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHAPE_CLASSES = ["__background__", "circle", "square", "triangle", "star"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A model.train-style checkpoint of an R-18-FPN with random weights (seed 0) and the 4 shape classes."""
+    import torch
+
+    from model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("r18_fpn", len(SHAPE_CLASSES))
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
+    config = {"arch": "r18_fpn", "num_classes": len(SHAPE_CLASSES), "min_size": 320, "max_size": 512}
+    torch.save({"model": model.state_dict(), "config": config, "class_names": SHAPE_CLASSES}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_model(tiny_checkpoint, tmp_path_factory) -> Path:
+    """``tiny_checkpoint`` exported with the project's exporter (and so verified against PyTorch)."""
+    from export.__main__ import main
+
+    out = tmp_path_factory.mktemp("tiny_onnx") / "tiny.onnx"
+    assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--model-name", "tiny"]) == 0
+    return out
