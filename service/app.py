@@ -271,7 +271,8 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
     settings = settings or Settings()
     if model is None:
         model = OnnxModel(
-            settings.model_path, settings.providers, settings.intra_op_threads, settings.inter_op_threads
+            settings.model_path, settings.providers, settings.intra_op_threads, settings.inter_op_threads,
+            allow_spinning=settings.ort_spinning,
         )
     cv2.setNumThreads(1)  # requests are parallel already; OpenCV's own threads would oversubscribe
     seg = Segmenter(settings, model)

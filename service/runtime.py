@@ -110,8 +110,11 @@ def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple
     return max(int(math.floor(height * scale)), 1), max(int(math.floor(width * scale)), 1)
 
 
-def _session_options(intra_op_threads: int, inter_op_threads: int) -> ort.SessionOptions:
+def _session_options(intra_op_threads: int, inter_op_threads: int, allow_spinning: bool) -> ort.SessionOptions:
     opts = ort.SessionOptions()
+    if not allow_spinning:  # a server has other threads to run between calls; spinning would starve them
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads
@@ -130,6 +133,7 @@ class OnnxModel:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
+        allow_spinning: bool = True,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -141,7 +145,9 @@ class OnnxModel:
             raise ModelLoadError(f"providers {unknown} not available here (available: {available})")
         try:
             self.session = ort.InferenceSession(
-                str(self.path), _session_options(intra_op_threads, inter_op_threads), providers=wanted
+                str(self.path),
+                _session_options(intra_op_threads, inter_op_threads, allow_spinning),
+                providers=wanted,
             )
         except Exception as exc:  # ORT raises several types for unreadable / invalid files
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0: ORT's default).")
     inter_op_threads: int = Field(1, ge=0, description="ORT inter-op threads (0: ORT's default).")
+    ort_spinning: bool = Field(
+        False, description="Let ORT threads spin between calls (lowest latency alone, steals CPU from workers)."
+    )
     max_batch_size: int = Field(8, ge=1, description="Most images in one ORT call.")
     max_batch_wait_ms: float = Field(5.0, ge=0, description="Longest a request waits for company.")
     queue_capacity: int = Field(64, ge=1, description="Requests admitted at once; beyond, 503.")
