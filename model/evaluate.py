@@ -90,13 +90,23 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
 
 
 def label_to_category(model_names: list[str], coco_gt: COCO) -> dict[int, int]:
-    """Map model labels to the data set's category ids: by name when every model class exists in the
-    data set, else by position (label i -> i-th category id in sorted order)."""
+    """Map model labels to the data set's category ids.
+
+    By name when one name set contains the other: a model trained on these data, or a model with more
+    classes such as torchvision's 91-entry COCO list with its "N/A" gaps (labels whose name the data
+    lack are dropped). Otherwise by position (label i -> i-th category id in sorted order), which needs
+    as many classes as categories.
+    """
     by_name = {c["name"]: c["id"] for c in coco_gt.dataset.get("categories", [])}
     names = model_names[1:]
-    if names and all(n in by_name for n in names):
-        return {i + 1: by_name[n] for i, n in enumerate(names)}
-    return {i + 1: c for i, c in enumerate(sorted(coco_gt.getCatIds()))}
+    if names and (set(names) <= set(by_name) or set(by_name) <= set(names)):
+        return {i + 1: by_name[n] for i, n in enumerate(names) if n in by_name}
+    cat_ids = sorted(coco_gt.getCatIds())
+    if len(cat_ids) != len(names):
+        raise ValueError(
+            f"model classes {names} match neither the names nor the number of the data's categories {sorted(by_name)}"
+        )
+    return {i + 1: c for i, c in enumerate(cat_ids)}
 
 
 def to_coco_results(

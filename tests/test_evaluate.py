@@ -216,3 +216,25 @@ def test_cli_on_an_onnx_file(shapes_gt: Path, tmp_path: Path) -> None:
     assert report["num_images"] == 6 and report["num_detections"] == 6
     assert (report["min_size"], report["max_size"]) == (64, 96)
     assert 0.0 <= report["metrics"]["segm"]["AP"] < 0.2
+
+
+def test_label_mapping(shapes_gt: Path) -> None:
+    from model.evaluate import label_to_category
+
+    gt = _gt(shapes_gt)  # circle 1, square 2, triangle 3, star 4
+    assert label_to_category(["__background__", "star", "circle", "square", "triangle"], gt) == {
+        1: 4,
+        2: 1,
+        3: 2,
+        4: 3,
+    }
+    # A superset with gaps, like torchvision's COCO list: unknown names are dropped.
+    assert label_to_category(["__background__", "N/A", "square", "dog", "circle", "star", "triangle"], gt) == {
+        2: 2,
+        4: 1,
+        5: 4,
+        6: 3,
+    }
+    assert label_to_category(["__background__", "a", "b", "c", "d"], gt) == {1: 1, 2: 2, 3: 3, 4: 4}
+    with pytest.raises(ValueError, match="match neither"):
+        label_to_category(["__background__", "a", "b"], gt)
