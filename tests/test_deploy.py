@@ -655,7 +655,7 @@ def test_failover_when_a_replica_is_killed(replicas, spare_replica):
     survivor, victim = replicas[0], spare_replica
     nginx = Nginx([survivor.port, victim.port])
     try:
-        load = Load(nginx.url, 400, workers=4).start()
+        load = Load(nginx.url, 5000, workers=4).start()
         load.wait_done(12, timeout=60)
         victim_served = victim.served()
         victim.proc.kill()
@@ -687,48 +687,63 @@ def _big_jpeg(seed: int = 0, size: tuple[int, int] = (2400, 3200)) -> bytes:
 
 
 class _Probe(threading.Thread):
-    """One direct request to a replica (not through the LB), timed."""
+    """One direct request to a replica (not through the LB), timed; `sent` is set once the whole body
+    has been written to the socket."""
 
     def __init__(self, url: str, body: bytes):
         super().__init__(daemon=True)
         self.url, self.body = url, body
+        self.client = _client()  # built here: its set-up is not part of the request
+        self.sent = threading.Event()
         self.result: int | str | None = None
-        self.started = self.finished = 0.0
+        self.started = self.sent_at = self.finished = 0.0
+
+    def _chunks(self) -> Iterator[bytes]:
+        step = 1 << 16
+        for i in range(0, len(self.body), step):
+            yield self.body[i : i + step]
+        self.sent_at = time.monotonic()
+        self.sent.set()
 
     def run(self) -> None:
-        with _client() as c:
-            self.started = time.monotonic()
-            try:
-                self.result = c.post(self.url + "/segment", content=self.body,
-                                     headers={"content-type": "image/jpeg"}).status_code
-            except httpx.HTTPError as e:
-                self.result = repr(e)
+        self.started = time.monotonic()
+        try:
+            self.result = self.client.post(
+                self.url + "/segment", content=self._chunks(),
+                headers={"content-type": "image/jpeg", "content-length": str(len(self.body))},
+            ).status_code
+        except httpx.HTTPError as e:
+            self.result = repr(e)
+        finally:
             self.finished = time.monotonic()
+            self.client.close()
 
 
 @needs_nginx
 def test_sigterm_drains_without_client_errors(replicas, spare_replica):
     survivor, victim = replicas[0], spare_replica
     big = _big_jpeg()
-    # How long one big request takes on this machine, to send SIGTERM while the next one is in flight.
+    # How long the replica works on one big request once it has it: SIGTERM comes within that time.
     warm = _Probe(victim.url, big)
     warm.run()
     assert warm.result == 200, warm.result
-    duration = warm.finished - warm.started
+    duration = warm.finished - warm.sent_at
 
     nginx = Nginx([survivor.port, victim.port])
     try:
-        load = Load(nginx.url, 400, workers=4).start()
+        load = Load(nginx.url, 5000, workers=4).start()
         load.wait_done(12, timeout=60)
         victim_served = victim.served()
         probe = _Probe(victim.url, big)
         probe.start()
-        time.sleep(max(0.05, 0.3 * duration))
+        assert probe.sent.wait(timeout=30), "the probe's body was not sent"
+        time.sleep(min(0.02, 0.2 * duration))  # the replica has read it and is decoding it
         in_flight = probe.is_alive()
         victim.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         # The replica drains and exits by itself, with status 0 (service/__main__.py), under load.
         rc = victim.proc.wait(timeout=60)
+        exited = time.monotonic()
         # The stream goes on past the exit, then stops.
         load.wait_done(load.done + 20, timeout=60)
         load.stop()
@@ -738,6 +753,7 @@ def test_sigterm_drains_without_client_errors(replicas, spare_replica):
         _all_ok(statuses)
         assert victim_served > 0
         assert rc == 0, f"replica exited with {rc} after SIGTERM:\n{victim.log.read_text()[-2000:]}"
+        assert exited - signalled < 35, f"the drain took {exited - signalled:.1f}s (deadline 30 s)"
         # The request the replica was working on when it got SIGTERM was answered, not dropped.
         assert in_flight, f"probe finished before SIGTERM ({duration:.3f}s per request)"
         assert probe.result == 200, f"in-flight request at SIGTERM got {probe.result}"
