@@ -246,6 +246,58 @@ def _to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.
     return batch.images.to(device, non_blocking=True), batch.image_sizes.to(device), targets
 
 
+def _start_step(cfg: TrainConfig, model, optimizer, scheduler, resume, device: torch.device) -> int:
+    """Restore a run (weights, optimizer, schedule, RNG; returns its step) or load initial weights (0)."""
+    if resume:
+        ckpt = load_checkpoint(resume, device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        return int(ckpt["step"])
+    if cfg.init_weights:
+        skipped, fresh = load_initial_weights(model, cfg.init_weights)
+        print(
+            f"init weights {cfg.init_weights}: {len(fresh)} model tensors not loaded {fresh[:6]}, "
+            f"{len(skipped)} file tensors unused {skipped[:6]}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _loader(cfg: TrainConfig, source: Source, step: int, device: torch.device) -> DataLoader:
+    """Endless batches from `step` on; a private generator keeps the global RNG (restored on resume) intact."""
+    dataset = DetectionDataset(
+        source, cfg.train_min_sizes or cfg.min_size, cfg.max_size, train=True, flip_prob=cfg.flip_prob, seed=cfg.seed
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=ResumableSampler(len(dataset), cfg.batch_size, cfg.seed, step),
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+
+def train_step(model, optimizer, scheduler, batch: Batch, device: torch.device, grad_clip: float) -> dict[str, float]:
+    """One SGD step; raises before touching the weights if the loss is not finite. Returns the loss terms."""
+    images, sizes, targets = _to_device(batch, device)
+    losses = model(images, sizes, targets)
+    loss = sum(losses.values())
+    values = {k: v.detach().item() for k, v in losses.items()}
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss: {values}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return {"loss": sum(values.values()), **values}
+
+
 def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Run (or continue) training to cfg.max_steps; returns the path of the last checkpoint."""
     device = resolve_device(cfg.device)
@@ -259,33 +311,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
             f"num_classes {cfg.num_classes} != {len(class_names)} classes in the data (background included)"
         )
     model, optimizer, scheduler = build(cfg, cfg.num_classes, device)
-    step = 0
-    if resume:
-        ckpt = load_checkpoint(resume, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step = int(ckpt["step"])
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
-    elif cfg.init_weights:
-        skipped, fresh = load_initial_weights(model, cfg.init_weights)
-        print(
-            f"init weights {cfg.init_weights}: {len(fresh)} model tensors not loaded {fresh[:6]}, "
-            f"{len(skipped)} file tensors unused {skipped[:6]}",
-            file=sys.stderr,
-        )
-    dataset = DetectionDataset(
-        source, cfg.train_min_sizes or cfg.min_size, cfg.max_size, train=True, flip_prob=cfg.flip_prob, seed=cfg.seed
-    )
-    loader = DataLoader(
-        dataset,
-        batch_sampler=ResumableSampler(len(dataset), cfg.batch_size, cfg.seed, step),
-        collate_fn=collate,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )  # keeps the global RNG untouched
+    step = _start_step(cfg, model, optimizer, scheduler, resume, device)
+    loader = _loader(cfg, source, step, device)
     write_text_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
     def state() -> dict:
@@ -305,36 +332,17 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
     tic = time.perf_counter()
     with open(out_dir / "log.jsonl", "a") as log:
         for batch in itertools.islice(loader, max(cfg.max_steps - step, 0)):
-            images, sizes, targets = _to_device(batch, device)
-            losses = model(images, sizes, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss at step {step + 1}: { {k: v.detach().item() for k, v in losses.items()} }"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+            try:
+                values = train_step(model, optimizer, scheduler, batch, device, cfg.grad_clip)
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"step {step + 1}: {exc}") from None
             step += 1
-            values = {k: v.detach().item() for k, v in losses.items()}
             bar.update(1)
-            total = loss.detach().item()
-            bar.set_postfix(
-                {"loss": f"{total:.3f}", **{k.removeprefix("loss_"): f"{v:.3f}" for k, v in values.items()}}
-            )
+            bar.set_postfix({k.removeprefix("loss_"): f"{v:.3f}" for k, v in values.items()})
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                record = {
-                    "step": step,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "loss": total,
-                    **values,
-                    "seconds": round(elapsed, 3),
-                }
-                log.write(json.dumps(record) + "\n")
+                log.write(json.dumps({"step": step, "lr": lr, **values, "seconds": round(elapsed, 3)}) + "\n")
                 log.flush()
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 last = save_checkpoint(out_dir, state(), cfg.keep_checkpoints)
