@@ -93,8 +93,9 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('MRCNN_PORT', '8000'), timeout=2)" || exit 1
 
-# SIGTERM (docker stop) makes the service drain: readiness goes false, in-flight requests finish.
-# `exec` so that Python is PID 1 and receives the signal; give it a stop timeout above the
-# request deadline (compose: stop_grace_period).
+# The service reads MRCNN_MODEL_PATH, MRCNN_HOST, MRCNN_PORT and every other MRCNN_* setting from the
+# environment (service/settings.py). Exec form: Python is PID 1 and gets SIGTERM (docker stop), on which
+# it drains: readiness goes false, in-flight requests finish, exit 0. Give it a stop timeout above
+# MRCNN_DRAIN_TIMEOUT_S (compose: stop_grace_period).
 STOPSIGNAL SIGTERM
-CMD ["sh", "-c", "exec python -m service --model \"$MRCNN_MODEL_PATH\" --host \"$MRCNN_HOST\" --port \"$MRCNN_PORT\""]
+CMD ["python", "-m", "service"]

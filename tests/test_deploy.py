@@ -651,6 +651,23 @@ def test_lb_spreads_requests_over_both_replicas(replicas, lb):
 
 
 @needs_nginx
+def test_lb_body_limit_matches_the_service(replicas, lb):
+    """A body at the service's limit reaches a replica; one byte more is refused by nginx, as JSON."""
+    from service.settings import Settings
+
+    limit = Settings.model_fields["max_upload_bytes"].default
+    headers = {"content-type": "image/jpeg"}
+    with _client() as c:
+        at_limit = c.post(lb.url + "/segment", content=b"\xff" * limit, headers=headers)
+        over = c.post(lb.url + "/segment", content=b"\xff" * (limit + 1), headers=headers)
+    # Not an image: the replica decodes it and says so (its own JSON error).
+    assert at_limit.status_code == 400, at_limit.text
+    assert at_limit.headers.get("x-upstream", "").startswith("127.0.0.1:")
+    assert over.status_code == 413, over.text
+    assert over.json()["error"]["code"] == "payload_too_large"  # nginx's answer, in the service's format
+
+
+@needs_nginx
 def test_failover_when_a_replica_is_killed(replicas, spare_replica):
     survivor, victim = replicas[0], spare_replica
     nginx = Nginx([survivor.port, victim.port])
@@ -789,6 +806,8 @@ def test_prometheus_scrapes_replicas_and_dashboard_queries_return_data(replicas,
     assert sorted(_send_errors(lb.url)) == [400, 415]
 
     queries = [(title, _promql(t["expr"])) for title, t in _dashboard_targets()]
+    # The per-replica request rate, as the dashboard queries it, must show both replicas.
+    per_replica = next(e for _, e in queries if e.startswith(f"sum by (instance) (rate({REQUESTS_TOTAL}"))
     deadline = time.monotonic() + 45
     while True:
         empty = []
@@ -796,14 +815,12 @@ def test_prometheus_scrapes_replicas_and_dashboard_queries_return_data(replicas,
             data = prometheus.api("query", query=expr)  # a PromQL error fails here
             if not data["result"]:
                 empty.append((title, expr))
-        if not empty:
+        instances = {s["metric"]["instance"] for s in prometheus.api("query", query=per_replica)["result"]}
+        if not empty and instances == wanted:
             break
         if time.monotonic() > deadline:
-            pytest.fail(f"{len(empty)} dashboard queries return no data: {empty}")
+            pytest.fail(f"{len(empty)} dashboard queries return no data: {empty}; "
+                        f"per-replica rate for {instances}, wanted {wanted}")
         # Keep a trickle of traffic so that rates have samples on both sides of a scrape.
         _all_ok(Load(lb.url, 4, workers=2).start().join())
         time.sleep(2)
-    # Per-replica series exist for both replicas.
-    per_replica = prometheus.api("query", query=_promql(
-        f"sum by (instance) (rate({REQUESTS_TOTAL}{{instance=~\"$instance\"}}[$__rate_interval]))"))
-    assert {s["metric"]["instance"] for s in per_replica["result"]} == wanted
