@@ -166,21 +166,23 @@ class OnnxPredictor:
 
 
 class TorchPredictor:
-    """A checkpoint written by model.train, rebuilt with build_model and run in eval mode."""
+    """A PyTorch checkpoint in eval mode: a model.train checkpoint, or torchvision's maskrcnn_resnet50_fpn state
+    dict (COCO class names, 800/1333 size policy), loaded by model.checkpoint like the exporter does."""
 
     def __init__(
         self, path: str | os.PathLike, device: str = "cpu", score_threshold: float | None = EVAL_SCORE_THRESHOLD
     ) -> None:
         import torch
 
-        from model.train import load_model_from_checkpoint
+        from model.checkpoint import load_model
 
         self.torch = torch
         self.device = torch.device(device)
-        self.model, ckpt = load_model_from_checkpoint(path, self.device)
-        cfg = ckpt["config"]
-        self.class_names: list[str] = list(ckpt["class_names"])
-        self.min_size, self.max_size = int(cfg["min_size"]), int(cfg["max_size"])
+        model, ckpt = load_model(path)
+        self.model = model.to(self.device).eval()
+        self.class_names: list[str] = list(ckpt.class_names or _torchvision_coco_names())
+        self.min_size = int(ckpt.config.get("min_size", 800))
+        self.max_size = int(ckpt.config.get("max_size", 1333))
         self.score_threshold = score_threshold
 
     def __call__(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
@@ -195,6 +197,13 @@ class TorchPredictor:
                 score_threshold=thr,
             )
         return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+def _torchvision_coco_names() -> list[str]:
+    """torchvision's 91-entry COCO label names (index = label = COCO category id, "N/A" in the gaps)."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    return list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
 
 
 def load_predictor(

@@ -215,17 +215,6 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def load_model_from_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """(model in eval mode, checkpoint dict) from a training checkpoint."""
-    from model import build_model
-
-    ckpt = load_checkpoint(path, device)
-    cfg = ckpt["config"]
-    model = build_model(arch=cfg["arch"], num_classes=int(cfg["num_classes"]), **cfg.get("model", {}))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
-
-
 def get_rng_state() -> dict[str, object]:
     """Torch RNG states: the model samples anchors and RoIs with the global generator, so an exact
     resume needs them back."""

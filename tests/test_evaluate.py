@@ -238,3 +238,24 @@ def test_label_mapping(shapes_gt: Path) -> None:
     assert label_to_category(["__background__", "a", "b", "c", "d"], gt) == {1: 1, 2: 2, 3: 3, 4: 4}
     with pytest.raises(ValueError, match="match neither"):
         label_to_category(["__background__", "a", "b"], gt)
+
+
+def test_onnx_and_pytorch_paths_agree(shapes_gt: Path, tiny_checkpoint: Path, tiny_onnx_model: Path) -> None:
+    """The exported graph through ONNX Runtime and its checkpoint through PyTorch give the same COCO results:
+    evaluating either measures the same model."""
+    from model.evaluate import load_predictor
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        dataset = CocoDataset(shapes_gt)
+    by_path = {}
+    for path in (tiny_checkpoint, tiny_onnx_model):
+        predictor = load_predictor(path)
+        assert (predictor.min_size, predictor.max_size) == (320, 512)
+        by_path[path.suffix] = predict_dataset(predictor, dataset, limit=1, progress=False)
+    torch_results, onnx_results = by_path[".pt"], by_path[".onnx"]
+    assert torch_results and len(torch_results) == len(onnx_results)
+    top = slice(0, 20)
+    for a, b in zip(torch_results[top], onnx_results[top], strict=True):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["score"] == pytest.approx(b["score"], abs=1e-3)
+        np.testing.assert_allclose(a["bbox"], b["bbox"], atol=0.5)
