@@ -1,0 +1,1 @@
+"""Training/evaluation data: COCO-format folders and the synthetic shapes generator."""
