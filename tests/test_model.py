@@ -1,0 +1,116 @@
+"""Model components: padding invariance, the losses (seeded regression), and a short training run."""
+
+import torch
+import torch.nn.functional as F
+
+from model import build_model
+from model.roi_heads import fastrcnn_loss, maskrcnn_loss
+
+
+def _scene(h: int, w: int, seed: int):
+    """An image with two bright rectangles and its targets."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 60, (3, h, w), generator=g, dtype=torch.uint8)
+    masks = torch.zeros(2, h, w, dtype=torch.uint8)
+    masks[0, 20:80, 30:100] = 1
+    masks[1, 100:150, 120:180] = 1
+    image[:, 20:80, 30:100] = 220
+    image[0, 100:150, 120:180] = 250
+    boxes = torch.tensor([[30.0, 20, 100, 80], [120, 100, 180, 150]])
+    return image, {"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks}
+
+
+def _pad(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    h = max(i.shape[1] for i in images)
+    w = max(i.shape[2] for i in images)
+    h, w = h + (-h % 32), w + (-w % 32)
+    batch = torch.zeros(len(images), 3, h, w, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        batch[i, :, : image.shape[1], : image.shape[2]] = image
+    return batch, torch.tensor([list(i.shape[1:]) for i in images])
+
+
+def test_padding_does_not_change_detections():
+    """An image alone and inside a batch padded for a larger image give the same detections,
+    also when its size is not a multiple of 32."""
+    torch.manual_seed(0)
+    model = build_model("r18_fpn", 5, score_thresh=0.0).eval()
+    small = torch.randint(0, 256, (3, 150, 203), dtype=torch.uint8)
+    large = torch.randint(0, 256, (3, 288, 352), dtype=torch.uint8)
+    with torch.no_grad():
+        alone = model(*_pad([small]))
+        together = model(*_pad([large, small]))
+    n = int(alone["num_detections"][0])
+    assert n > 0 and int(together["num_detections"][1]) == n
+    assert (alone["boxes"][0, :n] - together["boxes"][1, :n]).abs().max() <= 1e-3
+    assert (alone["scores"][0, :n] - together["scores"][1, :n]).abs().max() <= 1e-4
+    assert torch.equal(alone["labels"][0, :n], together["labels"][1, :n])
+    assert (alone["masks"][0, :n] - together["masks"][1, :n]).abs().max() <= 1e-3
+
+
+def test_outputs_are_fixed_size_and_zero_past_num_detections():
+    torch.manual_seed(0)
+    model = build_model("r18_fpn", 5, score_thresh=0.2, detections_per_img=50).eval()
+    images, sizes = _pad([torch.randint(0, 256, (3, 128, 160), dtype=torch.uint8)] * 2)
+    with torch.no_grad():
+        out = model(images, sizes, score_threshold=torch.tensor([0.2, 0.3]))
+    assert out["boxes"].shape == (2, 50, 4) and out["masks"].shape == (2, 50, 28, 28)
+    for i, threshold in enumerate([0.2, 0.3]):
+        n = int(out["num_detections"][i])
+        assert (out["scores"][i, :n] > threshold).all()
+        assert (out["scores"][i, n:] == 0).all() and (out["labels"][i, n:] == 0).all()
+        assert (out["masks"][i, n:] == 0).all() and (out["boxes"][i, n:] == 0).all()
+        assert torch.all(out["scores"][i, :n][:-1] >= out["scores"][i, :n][1:])
+    assert out["num_detections"][1] <= out["num_detections"][0]
+
+
+def test_mask_loss_uses_only_the_ground_truth_class():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, 28, 28, requires_grad=True)
+    labels = torch.tensor([1, 2, 2, 1])
+    targets = (torch.rand(4, 28, 28) > 0.5).float()
+    loss = maskrcnn_loss(logits, labels, targets)
+    expected = F.binary_cross_entropy_with_logits(logits[torch.arange(4), labels], targets)
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    other = torch.ones(4, 3, dtype=torch.bool)
+    other[torch.arange(4), labels] = False
+    assert (logits.grad[other] == 0).all()
+
+
+def test_fastrcnn_loss_seeded_regression():
+    torch.manual_seed(0)
+    class_logits = torch.randn(6, 3)
+    box_regression = torch.randn(6, 12)
+    labels = torch.tensor([0, 1, 2, 0, 2, 0])
+    targets = torch.randn(6, 4)
+    losses = fastrcnn_loss(class_logits, box_regression, labels, targets)
+    ce = F.cross_entropy(class_logits, labels)
+    pos = torch.tensor([1, 2, 4])
+    per_class = box_regression.view(6, 3, 4)[pos, labels[pos]]
+    box = F.smooth_l1_loss(per_class, targets[pos], beta=1 / 9, reduction="sum") / 6
+    assert torch.allclose(losses["loss_classifier"], ce)
+    assert torch.allclose(losses["loss_box_reg"], box)
+
+
+def test_short_training_lowers_the_loss():
+    torch.manual_seed(0)
+    model = build_model("r18_fpn", 3, norm="bn").train()
+    scenes = [_scene(160, 224, 0), _scene(192, 192, 1)]
+    images, sizes = _pad([s[0] for s in scenes])
+    targets = [s[1] for s in scenes]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    totals = []
+    for step in range(24):
+        losses = model(images, sizes, targets)
+        assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+        assert all(torch.isfinite(v) for v in losses.values())
+        total = sum(losses.values())
+        optimizer.zero_grad()
+        total.backward()
+        if step == 0:
+            no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+            assert no_grad == []
+        optimizer.step()
+        totals.append(total.item())
+    assert sum(totals[-4:]) / 4 < 0.5 * sum(totals[:4]) / 4
