@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--model-name", default=None)
     p.add_argument("--model-version", default="1")
+    p.add_argument("--fp16-weights", action="store_true", help="store weights as float16 (compute stays float32)")
     return p.parse_args(argv)
 
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             opset=args.opset,
             model_name=args.model_name or args.out.stem,
             model_version=args.model_version,
+            fp16_weights=args.fp16_weights,
         )
         results = export_model(model, args.out, config)
     except (CheckpointError, ExportError, OSError) as exc:

@@ -53,6 +53,7 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET
     model_name: str = "maskrcnn"
     model_version: str = "1"
+    fp16_weights: bool = False
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
     def metadata(self) -> dict[str, str]:
@@ -70,6 +71,7 @@ class ExportConfig:
             "nms_threshold": str(self.nms_threshold),
             "detections_per_image": str(self.detections_per_image),
             "normalization": "in_graph",
+            "weights": "float16" if self.fp16_weights else "float32",
             **self.extra_metadata,
         }
 
@@ -116,6 +118,31 @@ def _folded(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
         fused.weight.copy_(conv.weight * scale[:, None, None, None])
         fused.bias.copy_(bias)
     return fused
+
+
+def round_weights_to_fp16(model: nn.Module) -> None:
+    """Round every float parameter to the nearest float16 value (kept as float32), so that the PyTorch
+    model verified against the file is exactly the one whose weights the file stores in float16."""
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.dtype == torch.float32:
+                tensor.copy_(tensor.half().float())
+
+
+def store_weights_fp16(graph_model: onnx.ModelProto, min_elements: int = 1024) -> None:
+    """Store large float32 initializers as float16 behind a Cast to float32: half the file size, while
+    the computation stays float32 (ONNX Runtime folds the Casts when it loads the file)."""
+    graph = graph_model.graph
+    casts = []
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < min_elements:
+            continue
+        array = onnx.numpy_helper.to_array(init).astype(np.float16)
+        name = init.name
+        init.CopyFrom(onnx.numpy_helper.from_array(array, f"{name}__fp16"))
+        casts.append(onnx.helper.make_node("Cast", [f"{name}__fp16"], [name], to=onnx.TensorProto.FLOAT))
+    for node in reversed(casts):
+        graph.node.insert(0, node)
 
 
 def sample_batch(sizes: list[tuple[int, int]], seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -175,6 +202,8 @@ def _finalize(path: Path, config: ExportConfig) -> None:
     del graph_model.metadata_props[:]
     for key, value in config.metadata().items():
         graph_model.metadata_props.add(key=key, value=value)
+    if config.fp16_weights:
+        store_weights_fp16(graph_model)
     onnx.checker.check_model(graph_model)
     onnx.save(graph_model, str(path))
 
@@ -269,6 +298,8 @@ def export_model(model: MaskRCNN, out: Path, config: ExportConfig, log=print) ->
     """Export, finalize and verify ``model`` into ``out``; on any failure no file is left at ``out``."""
     out = Path(out)
     model = fold_batch_norms(model.eval())
+    if config.fp16_weights:
+        round_weights_to_fp16(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -34,6 +34,23 @@ def valid_mask(image_sizes: Tensor, stride: int, height: int, width: int, dtype:
     rows = torch.arange(height, device=image_sizes.device)[None, :] < extent[:, 0:1]
     cols = torch.arange(width, device=image_sizes.device)[None, :] < extent[:, 1:2]
     return (rows[:, None, :, None] & cols[:, None, None, :]).to(dtype)
+
+
+def replicate_edges(feature: Tensor, image_sizes: Tensor, stride: int) -> Tensor:
+    """Copy each image's last valid row and column over its padding.
+
+    RoIAlign clamps samples within one pixel past the map's edge to the edge. For an image inside a
+    padded batch the map's edge is the batch's, not the image's; replicating the image's edge makes
+    such samples read exactly what they read when the image is alone.
+    """
+    b, c, h, w = feature.shape
+    extent = valid_extent(image_sizes, stride)
+    last_row = (extent[:, 0] - 1).view(b, 1, 1, 1).expand(b, c, 1, w)
+    below = torch.arange(h, device=feature.device).view(1, 1, h, 1) >= extent[:, 0].view(b, 1, 1, 1)
+    feature = torch.where(below, feature.gather(2, last_row), feature)
+    last_col = (extent[:, 1] - 1).view(b, 1, 1, 1).expand(b, c, h, 1)
+    right = torch.arange(w, device=feature.device).view(1, 1, 1, w) >= extent[:, 1].view(b, 1, 1, 1)
+    return torch.where(right, feature.gather(3, last_col), feature)
 
 
 class _Masker:
@@ -65,20 +82,50 @@ def _basic_block(block: BasicBlock, x: Tensor, mask: _Masker, stride: int) -> Te
     return block.relu(out + identity)
 
 
+def _slim_resnet18(width: int, norm_layer: type[nn.Module]) -> nn.Module:
+    """ResNet-18's layout with ``width`` channels in the stem (64 in the original), from torchvision's
+    BasicBlock: a quarter of the parameters at width 32, for a small bundled model."""
+    body = nn.Module()
+    body.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    body.bn1 = norm_layer(width)
+    body.relu = nn.ReLU(inplace=True)
+    body.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    inplanes = width
+    for i in range(4):
+        planes, stride = width * 2**i, 1 if i == 0 else 2
+        downsample = None
+        if stride != 1 or inplanes != planes:
+            downsample = nn.Sequential(conv1x1(inplanes, planes, stride), norm_layer(planes))
+        blocks = [BasicBlock(inplanes, planes, stride, downsample, norm_layer=norm_layer)]
+        blocks.append(BasicBlock(planes, planes, norm_layer=norm_layer))
+        setattr(body, f"layer{i + 1}", nn.Sequential(*blocks))
+        inplanes = planes
+    return body
+
+
 class ResNetFPN(nn.Module):
     """ResNet body (C2-C5) + FPN (P2-P5) + P6 by subsampling P5, as in torchvision's resnet_fpn_backbone."""
 
-    def __init__(self, arch: str = "r50_fpn", norm: str = "frozen_bn"):
+    def __init__(
+        self, arch: str = "r50_fpn", norm: str = "frozen_bn", width: int = 64, fpn_channels: int = FPN_CHANNELS
+    ):
         super().__init__()
         if arch not in RESNET_DEPTHS:
             raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(RESNET_DEPTHS)}")
         norm_layer = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}[norm]
-        body = getattr(torchvision.models, f"resnet{RESNET_DEPTHS[arch]}")(weights=None, norm_layer=norm_layer)
-        del body.fc, body.avgpool
+        depth = RESNET_DEPTHS[arch]
+        if width == 64:
+            body = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=norm_layer)
+            del body.fc, body.avgpool
+        elif depth == 18:
+            body = _slim_resnet18(width, norm_layer)
+        else:
+            raise ValueError(f"a width other than 64 is only available for r18_fpn, not {arch}")
         self.body = body
-        widths = [64, 128, 256, 512]
-        expansion = 4 if RESNET_DEPTHS[arch] >= 50 else 1
-        self.fpn = FeaturePyramidNetwork([w * expansion for w in widths], FPN_CHANNELS)
+        expansion = 4 if depth >= 50 else 1
+        stage_channels = [width * 2**i * expansion for i in range(4)]
+        self.fpn = FeaturePyramidNetwork(stage_channels, fpn_channels)
+        self.out_channels = fpn_channels
         self.block_forward = _bottleneck if expansion == 4 else _basic_block
 
     def forward(self, x: Tensor, image_sizes: Tensor) -> list[Tensor]:

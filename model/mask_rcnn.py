@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.backbone import ResNetFPN, valid_mask
-from model.roi_heads import RoIHeads
+from model.backbone import FPN_CHANNELS, ResNetFPN, valid_mask
+from model.roi_heads import MASK_HEAD_CHANNELS, REPRESENTATION_SIZE, RoIHeads
 from model.rpn import RegionProposalNetwork
 
 # torchvision's ImageNet statistics, applied to RGB in [0, 1].
@@ -67,21 +67,31 @@ def build_model(
     rpn_pre_nms_top_n_train: int = 2000,
     rpn_post_nms_top_n_train: int = 2000,
     box_batch_size_per_image: int = 512,
+    width: int = 64,
+    fpn_channels: int = FPN_CHANNELS,
+    representation_size: int = REPRESENTATION_SIZE,
+    mask_channels: int = MASK_HEAD_CHANNELS,
 ) -> MaskRCNN:
     """Mask R-CNN with a ResNet-FPN backbone (``r50_fpn``, ``r101_fpn`` or ``r18_fpn``).
 
     Defaults are the paper's and torchvision's: ``norm="frozen_bn"`` for fine-tuning and torchvision
     checkpoints, ``norm="bn"`` to train a backbone from scratch. ``aligned`` selects half-pixel
     RoIAlign (Detectron2's ROIAlignV2); torchvision's checkpoints were trained with ``aligned=False``.
+    ``width``, ``fpn_channels``, ``representation_size`` and ``mask_channels`` shrink the network
+    (the paper's values are 64, 256, 1024, 256) for the small bundled demo model.
     """
     return MaskRCNN(
-        ResNetFPN(arch, norm),
+        ResNetFPN(arch, norm, width, fpn_channels),
         RegionProposalNetwork(
+            fpn_channels,
             pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
             post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
         ),
         RoIHeads(
             num_classes,
+            fpn_channels,
+            representation_size,
+            mask_channels,
             aligned=aligned,
             batch_size_per_image=box_batch_size_per_image,
             score_thresh=score_thresh,

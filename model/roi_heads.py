@@ -14,7 +14,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
 from model import box_coder
-from model.backbone import FPN_CHANNELS
+from model.anchor_utils import FPN_STRIDES
+from model.backbone import FPN_CHANNELS, replicate_edges
 from model.matcher import match, pad_targets, pairwise_iou, sample_balanced
 from model.nms import keep_mask, multiclass_nms
 from model.roi_align import MultiScaleRoIAlign, roi_align
@@ -25,6 +26,7 @@ MASK_POOL_SIZE = 14
 MASK_SIZE = 28
 SAMPLING_RATIO = 2
 REPRESENTATION_SIZE = 1024
+MASK_HEAD_CHANNELS = 256
 MIN_DETECTION_SIZE = 1e-2
 SMOOTH_L1_BETA = 1.0 / 9
 
@@ -95,6 +97,9 @@ class RoIHeads(nn.Module):
     def __init__(
         self,
         num_classes: int,
+        in_channels: int = FPN_CHANNELS,
+        representation_size: int = REPRESENTATION_SIZE,
+        mask_channels: int = MASK_HEAD_CHANNELS,
         aligned: bool = False,
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
@@ -106,11 +111,11 @@ class RoIHeads(nn.Module):
     ):
         super().__init__()
         self.box_roi_pool = MultiScaleRoIAlign(BOX_POOL_SIZE, SAMPLING_RATIO, aligned)
-        self.box_head = TwoMLPHead(FPN_CHANNELS * BOX_POOL_SIZE**2, REPRESENTATION_SIZE)
-        self.box_predictor = FastRCNNPredictor(REPRESENTATION_SIZE, num_classes)
+        self.box_head = TwoMLPHead(in_channels * BOX_POOL_SIZE**2, representation_size)
+        self.box_predictor = FastRCNNPredictor(representation_size, num_classes)
         self.mask_roi_pool = MultiScaleRoIAlign(MASK_POOL_SIZE, SAMPLING_RATIO, aligned)
-        self.mask_head = MaskRCNNHeads(FPN_CHANNELS, [256, 256, 256, 256], 1)
-        self.mask_predictor = MaskRCNNPredictor(256, 256, num_classes)
+        self.mask_head = MaskRCNNHeads(in_channels, [mask_channels] * 4, 1)
+        self.mask_predictor = MaskRCNNPredictor(mask_channels, mask_channels, num_classes)
         self._init_predictors()
         self.aligned = aligned
         self.fg_iou_thresh = fg_iou_thresh
@@ -140,11 +145,12 @@ class RoIHeads(nn.Module):
         score_threshold: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Losses (training) or the fixed-size detections dict (inference)."""
+        pooled = [replicate_edges(f, image_sizes, s) for f, s in zip(features[:4], FPN_STRIDES, strict=False)]
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")
-            return self.loss(features[:4], proposals, proposal_valid, targets)
-        return self.inference(features[:4], proposals, proposal_valid, image_sizes, score_threshold)
+            return self.loss(pooled, proposals, proposal_valid, targets)
+        return self.inference(pooled, proposals, proposal_valid, image_sizes, score_threshold)
 
     def mask_logits(self, features: list[Tensor], boxes: Tensor, batch_index: Tensor) -> Tensor:
         """All K mask logits [N, K, M, M] of the RoIs (training)."""

@@ -26,6 +26,7 @@ SMOOTH_L1_BETA = 1.0 / 9
 class RegionProposalNetwork(nn.Module):
     def __init__(
         self,
+        in_channels: int = FPN_CHANNELS,
         pre_nms_top_n: dict[str, int] | None = None,
         post_nms_top_n: dict[str, int] | None = None,
         nms_thresh: float = 0.7,
@@ -36,7 +37,7 @@ class RegionProposalNetwork(nn.Module):
         score_thresh: float = 0.0,
     ):
         super().__init__()
-        self.head = RPNHead(FPN_CHANNELS, len(ASPECT_RATIOS))
+        self.head = RPNHead(in_channels, len(ASPECT_RATIOS))
         self.pre_nms_top_n = pre_nms_top_n or {"training": 2000, "testing": 1000}
         self.post_nms_top_n = post_nms_top_n or {"training": 2000, "testing": 1000}
         self.nms_thresh = nms_thresh

@@ -1,5 +1,6 @@
 """Model components: padding invariance, the losses (seeded regression), and a short training run."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -30,12 +31,13 @@ def _pad(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, torch.tensor([list(i.shape[1:]) for i in images])
 
 
-def test_padding_does_not_change_detections():
-    """An image alone and inside a batch padded for a larger image give the same detections,
-    also when its size is not a multiple of 32."""
+@pytest.mark.parametrize("size", [(160, 224), (150, 203)], ids=["unpadded-alone", "padded-alone"])
+def test_padding_does_not_change_detections(size):
+    """An image alone and inside a batch padded for a larger image give the same detections, both
+    when it needs no padding alone (size a multiple of 32) and when it does."""
     torch.manual_seed(0)
     model = build_model("r18_fpn", 5, score_thresh=0.0).eval()
-    small = torch.randint(0, 256, (3, 150, 203), dtype=torch.uint8)
+    small = torch.randint(0, 256, (3, *size), dtype=torch.uint8)
     large = torch.randint(0, 256, (3, 288, 352), dtype=torch.uint8)
     with torch.no_grad():
         alone = model(*_pad([small]))
