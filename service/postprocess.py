@@ -199,11 +199,13 @@ def rle_strings(counts: np.ndarray, lens: np.ndarray) -> list[str]:
 def polygons_of(local: LocalMasks) -> list[list[list[float]]]:
     """Outer contours of each mask as COCO polygons [x1, y1, x2, y2, ...] in image pixels.
 
-    Holes are dropped (RETR_EXTERNAL). Following Detectron2, OpenCV's integer pixel coordinates get
-    +0.5 (pixel centres in COCO's continuous coordinates) and polygons of fewer than 3 points are
-    dropped, since COCO tools cannot rasterize them. Contours are found on the transposed block (its
-    zero separator column changes nothing), so x and y come back swapped. The coordinate arithmetic
-    and the conversion to Python floats are done once for all contours of all detections.
+    Holes are dropped (RETR_EXTERNAL). As in Detectron2, OpenCV's integer pixel coordinates get +0.5
+    (pixel centres in COCO's continuous coordinates). Unlike Detectron2, outlines of fewer than 3
+    points (a lone pixel, a 1-pixel-thin straight run) are kept, padded to 3 points by repeating the
+    last one, so every pixel of the mask is covered by some polygon and COCO tools still read each list
+    as a polygon (4 numbers would be taken for a box). Contours are found on the transposed block
+    (its zero separator column changes nothing), so x and y come back swapped. The coordinate
+    arithmetic and the conversion to Python floats are done once for all contours of all detections.
     """
     contours: list[np.ndarray] = []
     owner: list[int] = []
@@ -211,9 +213,8 @@ def polygons_of(local: LocalMasks) -> list[list[list[float]]]:
         block = local.block_t(i)
         if block.size:
             found, _ = cv2.findContours(block, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            kept = [c for c in found if len(c) >= 3]
-            contours.extend(kept)
-            owner.extend([i] * len(kept))
+            contours.extend(c if len(c) >= 3 else np.concatenate([c, c[-1:], c[-1:]])[:3] for c in found)
+            owner.extend([i] * len(found))
     out: list[list[list[float]]] = [[] for _ in range(len(local))]
     if not contours:
         return out

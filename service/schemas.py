@@ -36,7 +36,8 @@ class Detection(BaseModel):
     polygons: list[list[float]] | None = Field(
         None,
         description="Outer contours (holes dropped) as COCO polygons x1, y1, x2, y2, ... in pixel "
-        "coordinates (pixel centres at +0.5); present when formats include polygons",
+        "coordinates (pixel centres at +0.5), one per connected part, at least 3 points each (a lone "
+        "pixel or thin line repeats its last point); present when formats include polygons",
     )
 
 

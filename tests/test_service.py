@@ -30,7 +30,10 @@ from service.settings import Settings
 
 httpx = pytest.importorskip("httpx")
 
-THRESHOLD = 0.05  # random weights give low scores; this keeps a useful number of detections
+THRESHOLD = 0.05  # random weights give scores of ~0.2-0.3: this keeps all 100 detections
+FEW = 0.25  # a handful of detections per image, so fewer masks to compute where masks are not the point
+NONE = 0.99  # no detection: the cheapest successful request
+TIMEOUT = 600  # CPU inference of the tiny model takes seconds on a busy 2-core machine
 MAX_UPLOAD = 2_000_000
 MAX_PIXELS = 4_000_000
 
@@ -159,7 +162,7 @@ def server(tiny_model: Path) -> Iterator[ServerThread]:
     settings = Settings(
         model_path=tiny_model, max_batch_size=8, max_batch_wait_ms=150, queue_capacity=16,
         max_upload_bytes=MAX_UPLOAD, max_image_pixels=MAX_PIXELS, score_threshold=THRESHOLD,
-        worker_threads=2, request_timeout_s=60,
+        worker_threads=2, request_timeout_s=TIMEOUT,
     )
     app = create_app(settings)
     with ServerThread(app) as srv:
@@ -169,13 +172,14 @@ def server(tiny_model: Path) -> Iterator[ServerThread]:
 
 @pytest.fixture
 def client(server: ServerThread) -> Iterator[Any]:
-    with httpx.Client(base_url=server.url, timeout=60, trust_env=False) as c:
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT, trust_env=False) as c:
         yield c
 
 
 def ok(client: Any) -> None:
     """A good request succeeds and the server is still ready."""
-    r = client.post("/segment", files={"image": ("ok.png", encode(scene(99)), "image/png")})
+    r = client.post("/segment", params={"score_threshold": NONE},
+                    files={"image": ("ok.png", encode(scene(99)), "image/png")})
     assert r.status_code == 200, r.text
     assert client.get("/readyz").status_code == 200
 
@@ -217,13 +221,13 @@ def test_masks_match_torchvision_paste(client: Any, model: OnnxModel) -> None:
         raster = np.zeros((150, 200), np.uint8)
         for poly in d["polygons"]:
             cv2.fillPoly(raster, [np.floor(np.asarray(poly).reshape(-1, 2)).astype(np.int32)], 1)
-        if decoded.sum() >= 20:  # a few scattered pixels have no meaningful outline
-            filled = fill_holes(decoded)
-            # Holes are dropped: the outline covers the mask with its holes filled, and the mask
-            # itself whenever its holes are small.
-            assert iou(raster, filled) >= 0.9
-            if filled.sum() - decoded.sum() <= 0.05 * decoded.sum():
-                assert iou(raster, decoded) >= 0.9
+        filled = fill_holes(decoded)
+        # Holes are dropped: the outlines cover the mask with its holes filled, and the mask itself
+        # whenever its holes are small.
+        assert iou(raster, filled) >= 0.9
+        if filled.sum() - decoded.sum() <= 0.05 * decoded.sum():
+            assert iou(raster, decoded) >= 0.9
+        assert all(len(poly) >= 6 and len(poly) % 2 == 0 for poly in d["polygons"])
 
 
 def test_concurrent_requests_are_batched_and_answered_each_alone(
@@ -235,9 +239,10 @@ def test_concurrent_requests_are_batched_and_answered_each_alone(
     barrier = threading.Barrier(16)
 
     def send(i: int) -> dict:
-        with httpx.Client(base_url=server.url, timeout=60, trust_env=False) as c:
+        with httpx.Client(base_url=server.url, timeout=TIMEOUT, trust_env=False) as c:
             barrier.wait()
-            r = c.post("/segment", files={"image": (f"{i}.png", encode(images[i]), "image/png")})
+            r = c.post("/segment", params={"score_threshold": FEW},
+                       files={"image": (f"{i}.png", encode(images[i]), "image/png")})
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -252,7 +257,7 @@ def test_concurrent_requests_are_batched_and_answered_each_alone(
     for img, body in zip(images, bodies, strict=True):
         h, w = img.shape[:2]
         assert body["image"] == {"width": w, "height": h}
-        assert_same_detections(body, model.predict([img], THRESHOLD)[0], h, w)
+        assert_same_detections(body, model.predict([img], FEW)[0], h, w)
 
 
 def test_options(client: Any, model: OnnxModel) -> None:
@@ -275,14 +280,13 @@ def test_image_variants(client: Any) -> None:
     img = scene(3, (90, 130))
     exif = Image.Exif()
     exif[0x0112] = 6
-    rotated = client.post("/segment", content=encode(img, "JPEG", exif=exif.tobytes()),
-                          headers={"content-type": "image/jpeg"})
+    rotated = client.post("/segment", params={"score_threshold": NONE},
+                          content=encode(img, "JPEG", exif=exif.tobytes()), headers={"content-type": "image/jpeg"})
     assert rotated.status_code == 200 and rotated.json()["image"] == {"width": 90, "height": 130}
-    gray16 = (img[..., 0].astype(np.uint16) * 257)
-    for data, ctype in [(encode(gray16), "image/png"), (encode(img, "WEBP"), "image/webp"),
-                        (encode(img, "BMP"), "image/bmp"), (encode(img, "TIFF"), "image/tiff")]:
-        r = client.post("/segment", content=data, headers={"content-type": ctype})
-        assert r.status_code == 200 and r.json()["image"] == {"width": 130, "height": 90}, r.text
+    gray16 = img[..., 0].astype(np.uint16) * 257  # other formats and modes: tests/test_service_images.py
+    r = client.post("/segment", params={"score_threshold": NONE}, content=encode(gray16, "TIFF"),
+                    headers={"content-type": "image/tiff"})
+    assert r.status_code == 200 and r.json()["image"] == {"width": 130, "height": 90}, r.text
 
 
 def _bomb() -> bytes:
@@ -305,12 +309,9 @@ def _bomb() -> bytes:
         ({"content": "gif", "headers": {"content-type": "image/png"}}, 415, "unsupported_media_type"),
         ({"content": b"abc"}, 415, "unsupported_media_type"),
         ({"params": {"score_threshold": "2"}}, 422, "invalid_option"),
-        ({"params": {"score_threshold": "high"}}, 422, "invalid_option"),
-        ({"params": {"max_detections": "0"}}, 422, "invalid_option"),
         ({"params": {"max_detections": "100000"}}, 422, "invalid_option"),
         ({"params": {"classes": "no-such-class"}}, 422, "invalid_option"),
-        ({"params": {"formats": "jpeg"}}, 422, "invalid_option"),
-        ({"data": {"score_threshold": "-1"}}, 422, "invalid_option"),
+        ({"data": {"formats": "jpeg"}}, 422, "invalid_option"),
     ],
 )
 def test_errors_then_success(client: Any, kwargs: dict, status: int, code: str) -> None:
@@ -336,10 +337,12 @@ def test_full_queue_is_503_at_once(server: ServerThread, client: Any, monkeypatc
         return real(payloads)
 
     monkeypatch.setattr(seg.batcher, "_run_batch", gated)
-    cap = seg.batcher.capacity
+    cap = 2
+    monkeypatch.setattr(seg.batcher, "capacity", cap)
     with concurrent.futures.ThreadPoolExecutor(cap) as pool:
-        held = [pool.submit(httpx.post, server.url + "/segment", content=encode(scene(10 + i)),
-                            headers={"content-type": "image/png"}, timeout=60, trust_env=False)
+        held = [pool.submit(httpx.post, server.url + "/segment", params={"score_threshold": NONE},
+                            content=encode(scene(10 + i)), headers={"content-type": "image/png"},
+                            timeout=TIMEOUT, trust_env=False)
                 for i in range(cap)]
         deadline = time.monotonic() + 30
         while seg.batcher.admitted < cap:
@@ -371,8 +374,9 @@ def test_deadline_is_504_and_the_work_dropped(
     monkeypatch.setattr(seg.settings, "request_timeout_s", 0.5)
 
     def post(seed: int) -> Any:
-        return httpx.post(server.url + "/segment", content=encode(scene(seed)),
-                          headers={"content-type": "image/png"}, timeout=60, trust_env=False)
+        return httpx.post(server.url + "/segment", params={"score_threshold": NONE},
+                          content=encode(scene(seed)), headers={"content-type": "image/png"},
+                          timeout=TIMEOUT, trust_env=False)
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(post, 20)  # runs, blocked in the model
@@ -382,14 +386,15 @@ def test_deadline_is_504_and_the_work_dropped(
             r = f.result()
             assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
     gate.set()
-    monkeypatch.setattr(seg.settings, "request_timeout_s", 60.0)
+    monkeypatch.setattr(seg.settings, "request_timeout_s", float(TIMEOUT))
     ok(client)
     assert ran[0] == 1 and sum(ran) == 2  # the expired request never reached the model; then ok()
 
 
 def test_metrics_count_requests(client: Any) -> None:
     before = metric_values(client.get("/metrics").text)
-    good = [client.post("/segment", files={"image": (f"{i}.png", encode(scene(30 + i)), "image/png")})
+    good = [client.post("/segment", params={"score_threshold": FEW},
+                        files={"image": (f"{i}.png", encode(scene(30 + i)), "image/png")})
             for i in range(3)]
     bad = [client.post("/segment", content=b"junk", headers={"content-type": "image/png"}),
            client.post("/segment?score_threshold=9", content=b"x", headers={"content-type": "image/png"})]
@@ -417,7 +422,7 @@ def test_decoder_and_runtime_agree_with_the_server_input(model: OnnxModel) -> No
     """The reference path of these tests decodes exactly like the server."""
     img = scene(7)
     assert np.array_equal(decode_image(encode(img), MAX_PIXELS), img)
-    preds = model.predict([img, scene(8, (200, 100))], THRESHOLD)
+    preds = model.predict([img, scene(8, (200, 100))], FEW)
     assert [p.image_size for p in preds] == [(120, 160), (200, 100)]
     for p in preds:
         assert (p.boxes[:, 2] <= p.image_size[1]).all() and (p.boxes[:, 3] <= p.image_size[0]).all()

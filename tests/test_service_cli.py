@@ -78,10 +78,10 @@ def test_sigterm_drains_in_flight_and_exits_zero(request: pytest.FixtureRequest)
         pytest.skip("no tiny_onnx_model fixture in tests/conftest.py")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start(model, port, MRCNN_DRAIN_GRACE_S="1.0")
+    proc = _start(model, port, MRCNN_DRAIN_GRACE_S="1.0", MRCNN_DRAIN_TIMEOUT_S="600")
     try:
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + 300
             while True:
                 assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
                 try:
@@ -94,11 +94,12 @@ def test_sigterm_drains_in_flight_and_exits_zero(request: pytest.FixtureRequest)
             statuses: list[int] = []
 
             def send(i: int) -> None:
-                with httpx.Client(base_url=url, timeout=60, trust_env=False) as cc:
-                    r = cc.post("/segment", content=_png(i), headers={"content-type": "image/png"})
+                with httpx.Client(base_url=url, timeout=600, trust_env=False) as cc:
+                    r = cc.post("/segment", params={"score_threshold": 0.99}, content=_png(i),
+                                headers={"content-type": "image/png"})
                     statuses.append(r.status_code)
 
-            threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
             for t in threads:
                 t.start()
             time.sleep(0.05)
@@ -106,9 +107,9 @@ def test_sigterm_drains_in_flight_and_exits_zero(request: pytest.FixtureRequest)
             time.sleep(0.3)
             assert c.get("/readyz").status_code == 503  # draining, still answering during the grace
             for t in threads:
-                t.join(60)
-        assert statuses == [200] * 4
-        assert proc.wait(timeout=40) == 0
+                t.join(600)
+        assert statuses == [200] * 2
+        assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
