@@ -706,7 +706,7 @@ def test_failover_when_a_replica_is_killed(replicas, spare_replica):
         victim.proc.kill()
         victim.proc.wait(timeout=10)
         # The stream goes on past the kill, then stops.
-        load.wait_done(load.done + 8, timeout=180)
+        load.wait_done(load.done + 6, timeout=180)
         load.stop()
         statuses = load.join()
         _all_ok(statuses)
@@ -790,7 +790,7 @@ def test_sigterm_drains_without_client_errors(replicas, spare_replica):
         rc = victim.proc.wait(timeout=60)
         exited = time.monotonic()
         # The stream goes on past the exit, then stops.
-        load.wait_done(load.done + 6, timeout=180)
+        load.wait_done(load.done + 4, timeout=180)
         load.stop()
         statuses = load.join()
         probe.join(timeout=REQUEST_TIMEOUT_S)
@@ -831,7 +831,7 @@ def test_prometheus_scrapes_replicas_and_dashboard_queries_return_data(replicas,
         time.sleep(1)
 
     assert sorted(_send_errors(lb.url)) == [400, 415]
-    _all_ok(Load(lb.url, 8, workers=4).start().join())
+    _all_ok(Load(lb.url, 4, workers=2).start().join())
 
     queries = [(title, _promql(t["expr"])) for title, t in _dashboard_targets()]
     # The per-replica request rate, as the dashboard queries it, must show both replicas.
