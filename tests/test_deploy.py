@@ -408,8 +408,25 @@ def workdir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def replicas(tiny_onnx_model, workdir) -> Iterator[list[Replica]]:
-    started = [Replica(Path(tiny_onnx_model), workdir, f"replica{i}") for i in range(2)]
+def deploy_model(tiny_onnx_model, workdir) -> Path:
+    """The tiny exported model with a smaller input-size policy (its metadata's min_size / max_size,
+    which the service reads): the same graph, about half the CPU per request. These tests are about
+    the load balancer, the drain and the metrics, not about the model's resolution."""
+    try:
+        import onnx
+    except ImportError:  # the serving deps alone: the model as exported
+        return Path(tiny_onnx_model)
+    model = onnx.load(str(tiny_onnx_model))
+    props = {p.key: p for p in model.metadata_props}
+    props["min_size"].value, props["max_size"].value = "64", "96"
+    out = workdir / "tiny-64.onnx"
+    onnx.save(model, str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def replicas(deploy_model, workdir) -> Iterator[list[Replica]]:
+    started = [Replica(deploy_model, workdir, f"replica{i}") for i in range(2)]
     try:
         for r in started:
             r.wait_ready()
@@ -442,9 +459,9 @@ def prometheus(replicas, workdir) -> Iterator[Prometheus]:
 
 
 @pytest.fixture
-def spare_replica(tiny_onnx_model, workdir, request) -> Iterator[Replica]:
+def spare_replica(deploy_model, workdir, request) -> Iterator[Replica]:
     """A replica of its own, for the tests that kill or drain one."""
-    r = Replica(Path(tiny_onnx_model), workdir, f"spare-{request.node.name}")
+    r = Replica(deploy_model, workdir, f"spare-{request.node.name}")
     try:
         r.wait_ready()
         yield r
