@@ -164,7 +164,9 @@ class OnnxModel:
                 f"{self.path}: not an exported Mask R-CNN graph "
                 f"(inputs {sorted(inputs)}, outputs {sorted(outputs)})"
             )
-        self.has_score_input = "score_threshold" in inputs
+        # An input with a default value is listed by ONNX Runtime as an overridable initializer.
+        overridable = {i.name for i in self.session.get_overridable_initializers()}
+        self.has_score_input = "score_threshold" in inputs | overridable
 
     @property
     def class_names(self) -> list[str]:
