@@ -7,19 +7,34 @@ from pathlib import Path
 import pytest
 
 SHAPE_CLASSES = ["__background__", "circle", "square", "triangle", "star"]
+# The slim R-18-FPN of the bundled model, with fewer proposals: cheap enough for every test to run it.
+TINY_MODEL = {
+    "width": 32,
+    "fpn_channels": 128,
+    "representation_size": 256,
+    "mask_channels": 128,
+    "rpn_pre_nms_top_n_test": 300,
+    "rpn_post_nms_top_n_test": 150,
+}
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A model.train-style checkpoint of an R-18-FPN with random weights (seed 0) and the 4 shape classes."""
+    """A model.train-style checkpoint of a slim R-18-FPN with random weights (seed 0) and the 4 shape classes."""
     import torch
 
     from model import build_model
 
     torch.manual_seed(0)
-    model = build_model("r18_fpn", len(SHAPE_CLASSES))
+    model = build_model("r18_fpn", len(SHAPE_CLASSES), **TINY_MODEL)
     path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
-    config = {"arch": "r18_fpn", "num_classes": len(SHAPE_CLASSES), "min_size": 320, "max_size": 512}
+    config = {
+        "arch": "r18_fpn",
+        "num_classes": len(SHAPE_CLASSES),
+        "min_size": 320,
+        "max_size": 512,
+        "model": TINY_MODEL,
+    }
     torch.save({"model": model.state_dict(), "config": config, "class_names": SHAPE_CLASSES}, path)
     return path
 
