@@ -3,7 +3,8 @@
 Image sizes are multiples of 64 with the short side at torchvision's min_size, so torchvision's
 transform leaves them unchanged (no resize, no padding) and both models see the same tensor.
 Our batched run of images of different sizes is compared with torchvision on each image alone:
-our model is padding-invariant, so each image's answer in a batch is its answer alone.
+our model is padding-invariant, so each image's answer in a batch is its answer alone (up to float
+rounding: convolutions over a larger padded tensor sum in another order).
 """
 
 import numpy as np
@@ -12,11 +13,11 @@ import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from export.exporter import mask_iou
+from export.exporter import box_error, mask_iou
 from model import build_model
 
 MIN_SIZE, MAX_SIZE = 320, 512
-SCORE_THRESH = 0.01
+SCORE_THRESH = 0.03  # calibrated random weights: tens of detections, none cut by the top-100 limit
 SIZES = [(320, 448), (320, 320), (448, 320)]
 
 
@@ -26,22 +27,60 @@ def models():
     tv = maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, min_size=MIN_SIZE, max_size=MAX_SIZE, box_score_thresh=SCORE_THRESH
     ).eval()
+    calibrate_batch_norms(tv.backbone.body)
     ours = build_model("r50_fpn", 91, score_thresh=SCORE_THRESH).eval()
     ours.load_state_dict(tv.state_dict())
     return tv, ours
+
+
+def calibrate_batch_norms(body: torch.nn.Module) -> None:
+    """Give the random backbone's batch norms the statistics of random images, as a trained network has.
+
+    With torchvision's default running statistics (mean 0, variance 1) activations grow by orders of
+    magnitude through the 16 blocks; objectness and class scores then saturate into exact ties whose
+    order float rounding decides, which tests nothing. Calibrated, activations stay O(10).
+    """
+    for module in body.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average: the statistics of this one batch
+            module.reset_running_stats()
+    body.train()
+    with torch.no_grad():
+        body((torch.rand(2, 3, MIN_SIZE, MIN_SIZE, generator=torch.Generator().manual_seed(99)) - 0.45) / 0.225)
+    body.eval()
 
 
 def _image(h: int, w: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
+def _pair_up(ours_boxes: torch.Tensor, ours_labels: torch.Tensor, ref: dict) -> torch.Tensor:
+    """For each torchvision detection, the index of our detection of the same class nearest to it.
+
+    Detections whose scores differ in the 7th digit may come in either order, so they are compared as
+    sets; every one of ours must be used once.
+    """
+    distance = torch.cdist(ref["boxes"], ours_boxes, p=1)
+    distance[ref["labels"][:, None] != ours_labels[None, :]] = float("inf")
+    order = []
+    for row in distance:
+        j = int(row.argmin())
+        order.append(j)
+        distance[:, j] = float("inf")
+    assert sorted(order) == list(range(len(ours_boxes)))
+    return torch.tensor(order)
+
+
 def _assert_same(ours: dict, index: int, ref: dict, size: tuple[int, int]) -> None:
     n = int(ours["num_detections"][index])
     assert n == len(ref["boxes"]) and n > 0
-    assert (ours["boxes"][index, :n] - ref["boxes"]).abs().max().item() <= 1e-3
-    assert (ours["scores"][index, :n] - ref["scores"]).abs().max().item() <= 1e-4
-    assert torch.equal(ours["labels"][index, :n], ref["labels"])
-    pasted = paste_masks_in_image(ours["masks"][index, :n, None], ours["boxes"][index, :n], size)[:, 0]
+    pick = _pair_up(ours["boxes"][index, :n], ours["labels"][index, :n], ref)
+    boxes, scores = ours["boxes"][index, pick], ours["scores"][index, pick]
+    # 1e-3 px, or 0.1% of the box's extent for boxes over 1 px (see export.exporter.BOX_TOLERANCE).
+    assert box_error(ref["boxes"].numpy(), boxes.numpy()) <= 1e-3
+    assert (scores - ref["scores"]).abs().max().item() <= 1e-4
+    assert torch.equal(ours["labels"][index, pick], ref["labels"])
+    pasted = paste_masks_in_image(ours["masks"][index, pick, None], boxes, size)[:, 0]
     assert mask_iou(np.asarray(pasted > 0.5), np.asarray(ref["masks"][:, 0] > 0.5)) >= 0.99
 
 
