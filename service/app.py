@@ -308,7 +308,9 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first["loc"])
+        where = ".".join(str(p) for p in first["loc"] if p != "query")
+        if request.url.path == "/segment":  # typed query options FastAPI refused before the handler ran
+            seg.metrics.observe_request(422, 0.0)
         return error_response(422, "invalid_option", f"{where}: {first['msg']}")
 
     @app.exception_handler(StarletteHTTPException)
@@ -372,14 +374,13 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
         request: Request, slot: Slot[BatchInput, Prediction], query_opts: SegmentOptions, t0: float,
         deadline: float,
     ) -> Response:
-        body = await read_body(request, settings.max_upload_bytes)
-        opts = query_opts
-        data = body
-        if is_multipart(request):
-            data, fields = await seg.in_pool(image_from_multipart, body, request.headers["content-type"])
-            opts = parse_options([request.query_params, fields], settings, model)
         try:
             async with asyncio.timeout(max(deadline - time.perf_counter(), 0.0)):
+                data = await read_body(request, settings.max_upload_bytes)
+                opts = query_opts
+                if is_multipart(request):
+                    data, fields = await seg.in_pool(image_from_multipart, data, request.headers["content-type"])
+                    opts = parse_options([request.query_params, fields], settings, model)
                 t_dec = time.perf_counter()
                 resized = await seg.in_pool(_decode_resize, data, settings.max_image_pixels, model)
                 decode_ms = (time.perf_counter() - t_dec) * 1e3
