@@ -176,20 +176,28 @@ def rle_strings(counts: np.ndarray, lens: np.ndarray) -> list[str]:
 
     Each count (from the 4th on, minus the count two places back) is written as little-endian 5-bit
     groups, each + 48 as an ASCII char, 0x20 meaning "more follows"; the last group's 0x10 bit is
-    the sign. All counts of all detections are encoded at once, then cut per detection.
+    the sign. All counts of all detections are encoded at once, one column per 5-bit group (rarely
+    more than 4), then cut per detection.
     """
     if lens.size == 0:
         return []
     first = np.cumsum(lens) - lens
-    idx = np.arange(counts.size) - np.repeat(first, lens)
-    x = counts.astype(np.int64, copy=True)
-    delta = np.flatnonzero(idx > 2)
-    x[delta] -= counts[delta - 2]
+    dtype = np.int32 if counts.size == 0 or counts.max() < 2**31 - 1 else np.int64
+    c = counts.astype(dtype, copy=False)
+    back2 = np.empty_like(c)
+    back2[:2] = 0
+    back2[2:] = c[:-2]
+    idx = np.arange(c.size, dtype=dtype) - np.repeat(first.astype(dtype), lens)
+    x = np.where(idx > 2, c - back2, c)
     mag = np.where(x < 0, ~x, x)  # ~x = -x - 1 makes the signed range symmetric
     ngroups = np.searchsorted(_GROUP_LIMITS, mag, side="right") + 1
-    k = np.arange(int(ngroups.max()), dtype=np.int64)[None, :]
-    chars = ((x[:, None] >> (5 * k)) & 0x1F) | ((k < ngroups[:, None] - 1).astype(np.int64) << 5)
-    flat = (chars[k < ngroups[:, None]] + 48).astype(np.uint8).tobytes()
+    kmax = int(ngroups.max())
+    chars = np.empty((c.size, kmax), dtype=np.uint8)
+    for k in range(kmax):
+        more = (ngroups > k + 1).astype(np.uint8) << 5
+        chars[:, k] = ((x >> (5 * k)) & 0x1F).astype(np.uint8) | more
+    chars += 48
+    flat = chars[np.arange(kmax)[None, :] < ngroups[:, None]].tobytes()
     per_det = np.add.reduceat(ngroups, first)
     ends = np.cumsum(per_det).tolist()
     begins = [0, *ends[:-1]]
@@ -213,19 +221,25 @@ def polygons_of(local: LocalMasks) -> list[list[list[float]]]:
         block = local.block_t(i)
         if block.size:
             found, _ = cv2.findContours(block, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            contours.extend(c if len(c) >= 3 else np.concatenate([c, c[-1:], c[-1:]])[:3] for c in found)
+            contours.extend(found)
             owner.extend([i] * len(found))
     out: list[list[list[float]]] = [[] for _ in range(len(local))]
     if not contours:
         return out
-    lengths = np.array([len(c) for c in contours])
-    det = np.repeat(np.array(owner), lengths)
-    pts = np.concatenate(contours).reshape(-1, 2)[:, ::-1].astype(np.float64)
+    # Gather all points at once; a contour shorter than 3 points repeats its last point.
+    lengths = np.fromiter((len(c) for c in contours), dtype=np.int64, count=len(contours))
+    sizes = np.maximum(lengths, 3)
+    contour = np.repeat(np.arange(len(contours)), sizes)
+    step = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    src = (np.cumsum(lengths) - lengths)[contour] + np.minimum(step, lengths[contour] - 1)
+    pts = np.concatenate(contours).reshape(-1, 2)[src, ::-1].astype(np.float64)
+    det = np.asarray(owner)[contour]
     pts += np.stack([local.x0[det], local.y0[det]], axis=1) + 0.5
     flat = pts.ravel().tolist()
-    ends = np.cumsum(2 * lengths).tolist()
-    for k, (i, e) in enumerate(zip(owner, ends, strict=True)):
-        out[i].append(flat[e - 2 * int(lengths[k]) : e])
+    ends = np.cumsum(2 * sizes).tolist()
+    begins = [0, *ends[:-1]]
+    for i, b, e in zip(owner, begins, ends, strict=True):
+        out[i].append(flat[b:e])
     return out
 
 
