@@ -1,0 +1,148 @@
+"""Our ONNX graph in ONNX Runtime vs torchvision eager, doing the same work, side by side.
+
+The same random-weight R-50-FPN (torchvision's ``maskrcnn_resnet50_fpn`` state dict, seed 0) is forced
+to 100 detections per image (score threshold 0). torchvision runs its transform, backbone, RPN and RoI
+heads up to the 28x28 masks (no pasting); ours runs the exported graph. Each engine is measured in its
+own child process (2 threads), so peak memory (max RSS) is each one's own.
+
+    python -m benchmarks.export_speed [--repeats 3]
+
+Writes its table to benchmarks/RESULTS.md between the ``export_speed`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import machine, write_section
+from benchmarks.postprocess_speed import timed
+
+THREADS = 2
+CASES = [("800x1333, batch 1", 800, 1333, 1), ("512x512, batch 4", 512, 512, 4)]
+
+
+def _images(height: int, width: int, batch: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (batch, 3, height, width), generator=g, dtype=torch.uint8)
+
+
+def _torchvision_model(min_size: int):
+    import torch
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    return maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, min_size=min_size, max_size=1333, box_score_thresh=0.0
+    ).eval()
+
+
+def run_torchvision(case: tuple, repeats: int, queue: mp.Queue) -> None:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    _, height, width, batch = case
+    model = _torchvision_model(min(height, width))
+    images = [img.float() / 255 for img in _images(height, width, batch)]
+
+    def forward():
+        with torch.no_grad():
+            transformed, _ = model.transform(images)
+            features = model.backbone(transformed.tensors)
+            proposals, _ = model.rpn(transformed, features)
+            detections, _ = model.roi_heads(features, proposals, transformed.image_sizes)
+        assert all(len(d["boxes"]) == 100 for d in detections)
+
+    times = timed(forward, repeats)
+    queue.put((times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def export_graph(path: Path, queue: mp.Queue) -> None:
+    import torch
+
+    from export.__main__ import main
+
+    torch.set_num_threads(THREADS)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "tv.pth"
+        torch.save(_torchvision_model(800).state_dict(), ckpt)
+        start = time.perf_counter()
+        assert main(["--checkpoint", str(ckpt), "--out", str(path), "--score-threshold", "0"]) == 0
+        elapsed = time.perf_counter() - start
+    queue.put(([elapsed], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def run_onnx(path: Path, case: tuple, repeats: int, queue: mp.Queue) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    _, height, width, batch = case
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    pad_h, pad_w = height + (-height % 32), width + (-width % 32)
+    images = np.zeros((batch, 3, pad_h, pad_w), np.uint8)
+    images[:, :, :height, :width] = _images(height, width, batch).numpy()
+    feeds = {"images": images, "image_sizes": np.array([[height, width]] * batch, np.int64)}
+
+    def forward():
+        out = session.run(["num_detections"], feeds)[0]
+        assert (out == 100).all()
+
+    times = timed(forward, repeats)
+    queue.put((times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def _in_child(target, *args) -> tuple[list[float], float]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=target, args=(*args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r50.onnx"
+        (export_s,), export_mb = _in_child(export_graph, path)
+        for case in CASES:
+            name, _, _, batch = case
+            tv_times, tv_mb = _in_child(run_torchvision, case, args.repeats)
+            ort_times, ort_mb = _in_child(run_onnx, path, case, args.repeats)
+            tv_ms = statistics.median(tv_times) * 1000
+            ort_ms = statistics.median(ort_times) * 1000
+            rows.append((name, batch, tv_ms, ort_ms, tv_mb, ort_mb))
+            print(f"{name}: torchvision {tv_ms:.0f} ms, ours {ort_ms:.0f} ms, speed-up {tv_ms / ort_ms:.2f}x")
+    lines = [
+        "## Export: our ONNX graph (ONNX Runtime) vs torchvision eager, R-50-FPN, 100 detections per image",
+        "",
+        f"Command: `python -m benchmarks.export_speed --repeats {args.repeats}` (median; {THREADS} threads; "
+        f"{machine()}). Export (load, trace, verify): "
+        f"{export_s:.0f} s, peak RSS {export_mb:.0f} MiB.",
+        "",
+        "| case | torchvision eager ms | ours (ORT) ms | speed-up | per image: tv / ours ms | peak RSS tv / ours MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, batch, tv_ms, ort_ms, tv_mb, ort_mb in rows:
+        lines.append(
+            f"| {name} | {tv_ms:.0f} | {ort_ms:.0f} | {tv_ms / ort_ms:.2f}x | "
+            f"{tv_ms / batch:.0f} / {ort_ms / batch:.0f} | {tv_mb:.0f} / {ort_mb:.0f} |"
+        )
+    write_section("export_speed", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
