@@ -421,6 +421,7 @@ def test_metrics_count_requests(client: Any) -> None:
 
 def test_decoder_and_runtime_agree_with_the_server_input(model: OnnxModel) -> None:
     """The reference path of these tests decodes exactly like the server."""
+    assert model.has_score_input  # CONTRACT.md: the threshold reaches the graph, before the mask head
     img = scene(7)
     assert np.array_equal(decode_image(encode(img), MAX_PIXELS), img)
     preds = model.predict([img, scene(8, (200, 100))], FEW)
