@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint serve bench clean
+.PHONY: install test lint serve bench deploy-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.export_speed
 	$(PY) -m benchmarks.postprocess_speed
+	$(PY) -m benchmarks.serve_load
+
+deploy-deps:
+	bash scripts/install_deploy_deps.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

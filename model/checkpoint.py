@@ -69,7 +69,11 @@ def load_model(
     if num_classes is None:
         num_classes = int(cfg.get("num_classes") or 91)
     kwargs = {**cfg.get("model", {}), **overrides}
-    model = build_model(arch, num_classes, **kwargs)
-    check_compatible(model, ckpt.state_dict, f"{arch} with {num_classes} classes")
+    what = f"{arch} with {num_classes} classes"
+    try:
+        model = build_model(arch, num_classes, **kwargs)
+    except (TypeError, ValueError) as exc:  # the checkpoint's options do not fit the architecture asked for
+        raise CheckpointError(f"checkpoint does not match {what}: {exc}") from None
+    check_compatible(model, ckpt.state_dict, what)
     model.load_state_dict(ckpt.state_dict, strict=False)
     return model.eval(), ckpt
