@@ -13,6 +13,7 @@ import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
+from benchmarks import calibrate_batch_norms
 from export.exporter import box_error, mask_iou
 from model import build_model
 
@@ -27,27 +28,10 @@ def models():
     tv = maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, min_size=MIN_SIZE, max_size=MAX_SIZE, box_score_thresh=SCORE_THRESH
     ).eval()
-    calibrate_batch_norms(tv.backbone.body)
+    calibrate_batch_norms(tv.backbone.body, MIN_SIZE)
     ours = build_model("r50_fpn", 91, score_thresh=SCORE_THRESH).eval()
     ours.load_state_dict(tv.state_dict())
     return tv, ours
-
-
-def calibrate_batch_norms(body: torch.nn.Module) -> None:
-    """Give the random backbone's batch norms the statistics of random images, as a trained network has.
-
-    With torchvision's default running statistics (mean 0, variance 1) activations grow by orders of
-    magnitude through the 16 blocks; objectness and class scores then saturate into exact ties whose
-    order float rounding decides, which tests nothing. Calibrated, activations stay O(10).
-    """
-    for module in body.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # cumulative average: the statistics of this one batch
-            module.reset_running_stats()
-    body.train()
-    with torch.no_grad():
-        body((torch.rand(2, 3, MIN_SIZE, MIN_SIZE, generator=torch.Generator().manual_seed(99)) - 0.45) / 0.225)
-    body.eval()
 
 
 def _image(h: int, w: int, seed: int) -> torch.Tensor:
