@@ -258,27 +258,49 @@ def box_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float((np.abs(reference - candidate) / scale).max())
 
 
+def pair_detections(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], i: int) -> np.ndarray | None:
+    """For each of image ``i``'s reference detections, the row of the candidate's detection of the same
+    class nearest to it (greedy, best scores first), or None when the two sets cannot be paired.
+
+    Detections whose scores differ only by float rounding may come in either order, so outputs are
+    compared as sets of detections rather than row by row.
+    """
+    n = int(reference["num_detections"][i])
+    ref_boxes, ref_labels = reference["boxes"][i, :n], reference["labels"][i, :n]
+    cand_boxes, cand_labels = candidate["boxes"][i, :n], candidate["labels"][i, :n]
+    distance = np.abs(ref_boxes[:, None, :] - cand_boxes[None, :, :]).sum(-1)
+    distance[ref_labels[:, None] != cand_labels[None, :]] = np.inf
+    rows = np.empty(n, dtype=np.int64)
+    for r in range(n):
+        rows[r] = int(np.argmin(distance[r]))
+        if not np.isfinite(distance[r, rows[r]]):
+            return None
+        distance[:, rows[r]] = np.inf
+    return rows
+
+
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> Verification:
-    """Compare two sets of graph outputs on the valid rows of each image."""
-    counts_equal = np.array_equal(reference["num_detections"], candidate["num_detections"])
+    """Compare two sets of graph outputs on the valid rows of each image, detections paired as sets."""
+    paired = np.array_equal(reference["num_detections"], candidate["num_detections"])
     box_err = score_err = 0.0
-    labels_equal = counts_equal
     ious, total = [], 0
-    if counts_equal:
-        for i, n in enumerate(reference["num_detections"].tolist()):
-            total += n
-            box_err = max(box_err, box_error(reference["boxes"][i, :n], candidate["boxes"][i, :n]))
-            score_err = max(
-                score_err, float(np.abs(reference["scores"][i, :n] - candidate["scores"][i, :n]).max(initial=0))
-            )
-            labels_equal &= np.array_equal(reference["labels"][i, :n], candidate["labels"][i, :n])
-            ious.append(mask_iou(reference["masks"][i, :n] > 0.5, candidate["masks"][i, :n] > 0.5))
+    for i, n in enumerate(reference["num_detections"].tolist() if paired else []):
+        rows = pair_detections(reference, candidate, i)
+        if rows is None:
+            paired = False
+            break
+        total += n
+        box_err = max(box_err, box_error(reference["boxes"][i, :n], candidate["boxes"][i, rows]))
+        score_err = max(
+            score_err, float(np.abs(reference["scores"][i, :n] - candidate["scores"][i, rows]).max(initial=0))
+        )
+        ious.append(mask_iou(reference["masks"][i, :n] > 0.5, candidate["masks"][i, rows] > 0.5))
     return Verification(
         batch_size=len(reference["num_detections"]),
-        max_box_error=box_err if counts_equal else float("inf"),
-        max_score_error=score_err if counts_equal else float("inf"),
-        labels_equal=bool(labels_equal),
-        mask_iou=float(np.mean(ious)) if ious else (1.0 if counts_equal else 0.0),
+        max_box_error=box_err if paired else float("inf"),
+        max_score_error=score_err if paired else float("inf"),
+        labels_equal=paired,
+        mask_iou=float(np.mean(ious)) if paired and ious else float(paired),
         detections=total,
     )
 

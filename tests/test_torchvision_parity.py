@@ -14,7 +14,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from benchmarks import calibrate_batch_norms
-from export.exporter import box_error, mask_iou
+from export.exporter import box_error, mask_iou, pair_detections
 from model import build_model
 
 MIN_SIZE, MAX_SIZE = 320, 512
@@ -38,27 +38,13 @@ def _image(h: int, w: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
-def _pair_up(ours_boxes: torch.Tensor, ours_labels: torch.Tensor, ref: dict) -> torch.Tensor:
-    """For each torchvision detection, the index of our detection of the same class nearest to it.
-
-    Detections whose scores differ in the 7th digit may come in either order, so they are compared as
-    sets; every one of ours must be used once.
-    """
-    distance = torch.cdist(ref["boxes"], ours_boxes, p=1)
-    distance[ref["labels"][:, None] != ours_labels[None, :]] = float("inf")
-    order = []
-    for row in distance:
-        j = int(row.argmin())
-        order.append(j)
-        distance[:, j] = float("inf")
-    assert sorted(order) == list(range(len(ours_boxes)))
-    return torch.tensor(order)
-
-
 def _assert_same(ours: dict, index: int, ref: dict, size: tuple[int, int]) -> None:
     n = int(ours["num_detections"][index])
     assert n == len(ref["boxes"]) and n > 0
-    pick = _pair_up(ours["boxes"][index, :n], ours["labels"][index, :n], ref)
+    reference = {k: v.numpy()[None] for k, v in ref.items()} | {"num_detections": np.array([n])}
+    candidate = {k: ours[k][index : index + 1].numpy() for k in ("boxes", "labels", "num_detections")}
+    pick = pair_detections(reference, candidate, 0)
+    assert pick is not None
     boxes, scores = ours["boxes"][index, pick], ours["scores"][index, pick]
     # 1e-3 px, or 0.1% of the box's extent for boxes over 1 px (see export.exporter.BOX_TOLERANCE).
     assert box_error(ref["boxes"].numpy(), boxes.numpy()) <= 1e-3
