@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--raw-seconds", type=float, default=10.0)
     p.add_argument("--score-threshold", type=float, default=None,
                    help="sent with every request and given to raw ORT (default: the server's, 0.5)")
+    p.add_argument("--section", default="serve_load", help="RESULTS.md section to (re)write")
+    p.add_argument("--note", default="", help="a line about the model, added under the table")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
 
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cmd = "python -m benchmarks.serve_load " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
-        "## Serving: HTTP load on the real server vs raw ONNX Runtime",
+        f"## Serving ({info.name} {info.architecture}): HTTP load on the real server vs raw ONNX Runtime",
         "",
         f"Command: `{cmd.strip()}`. Model {info.name} {info.version} ({info.architecture}, "
         f"min/max size {info.min_size}/{info.max_size}); {args.images} distinct {args.size[0]}x{args.size[1]} "
@@ -230,10 +232,11 @@ def main(argv: list[str] | None = None) -> None:
         "total - inference - queue time per request (decode, resize, post-processing, JSON).",
         "",
         "Targets: HTTP / raw >= 0.85x at concurrency 16; p50 / raw <= 1.15x at concurrency 1.",
+        *([""] + [args.note] if args.note else []),
     ])
     print(body)
     if not args.no_write:
-        write_section("serve_load", body)
+        write_section(args.section, body)
 
 
 if __name__ == "__main__":
