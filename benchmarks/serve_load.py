@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import io
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         server.terminate()
         server.wait(60)
 
-    cmd = "python -m benchmarks.serve_load " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m benchmarks.serve_load " + shlex.join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
         f"## Serving ({info.name} {info.architecture}): HTTP load on the real server vs raw ONNX Runtime",
         "",
