@@ -15,7 +15,6 @@ Crowd regions are dropped from training targets, as torchvision's and Detectron2
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from pycocotools.coco import COCO
 
 from model.data.sample import Sample
+from service.runtime import resized_size  # the served resize policy, one definition
 
 SIZE_DIVISIBILITY = 32
 
@@ -40,15 +40,6 @@ class Source(Protocol):
     def __len__(self) -> int: ...
 
     def load(self, index: int) -> Sample: ...
-
-
-def resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """The CONTRACT.md resize policy (torchvision's GeneralizedRCNNTransform): short side to min_size
-    unless that pushes the long side past max_size."""
-    scale = min_size / min(h, w)
-    if max(h, w) * scale > max_size:
-        scale = max_size / max(h, w)
-    return int(math.floor(h * scale)), int(math.floor(w * scale))
 
 
 def find_annotation_file(root: Path) -> Path:
