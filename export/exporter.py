@@ -352,6 +352,12 @@ def export_model(model: MaskRCNN, out: Path, config: ExportConfig, log=print) ->
         failed = [r for r in results if not r.ok()]
         if failed:
             raise ExportError(f"ONNX Runtime disagrees with PyTorch: {failed[0]}")
+        if not any(r.detections for r in results):
+            log(
+                "  note: the random sample images gave no detections above the threshold; "
+                "only the empty outputs were compared"
+            )
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; the exported model is meant to be shared
         os.replace(tmp, out)
         return results
     finally:
