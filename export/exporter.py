@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,6 @@ class ExportConfig:
     model_name: str = "maskrcnn"
     model_version: str = "1"
     fp16_weights: bool = False
-    extra_metadata: dict[str, str] = field(default_factory=dict)
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -76,7 +75,6 @@ class ExportConfig:
             "detections_per_image": str(self.detections_per_image),
             "normalization": "in_graph",
             "weights": "float16" if self.fp16_weights else "float32",
-            **self.extra_metadata,
         }
 
 
