@@ -37,47 +37,82 @@ def valid_mask(image_sizes: Tensor, stride: int, height: int, width: int, dtype:
 
 
 def replicate_edges(feature: Tensor, image_sizes: Tensor, stride: int) -> Tensor:
-    """Copy each image's last valid row and column over its padding.
+    """Copy each image's last valid row and column onto its first padding row and column.
 
-    RoIAlign clamps samples within one pixel past the map's edge to the edge. For an image inside a
-    padded batch the map's edge is the batch's, not the image's; replicating the image's edge makes
-    such samples read exactly what they read when the image is alone.
+    RoIAlign's bilinear samples lie inside the box, at most at the image's edge (extent - 1, extent], where
+    they read row ``extent`` with a weight; alone, the map ends there and the sample is clamped to row
+    ``extent - 1``. Replicating that one row (and column) makes the padded batch read what the image
+    alone reads. Two scatters of one row and one column, not a select over the whole map: at P2 of an
+    800x1333 image the map is 17M values, and every full pass over it costs tens of milliseconds.
     """
     b, c, h, w = feature.shape
     extent = valid_extent(image_sizes, stride)
+    # With no padding the target is the last row itself: it is overwritten with its own values.
     last_row = (extent[:, 0] - 1).view(b, 1, 1, 1).expand(b, c, 1, w)
-    below = torch.arange(h, device=feature.device).view(1, 1, h, 1) >= extent[:, 0].view(b, 1, 1, 1)
-    feature = torch.where(below, feature.gather(2, last_row), feature)
+    first_pad_row = extent[:, 0].clamp(max=h - 1).view(b, 1, 1, 1).expand(b, c, 1, w)
+    feature = feature.scatter(2, first_pad_row, feature.gather(2, last_row))
     last_col = (extent[:, 1] - 1).view(b, 1, 1, 1).expand(b, c, h, 1)
-    right = torch.arange(w, device=feature.device).view(1, 1, 1, w) >= extent[:, 1].view(b, 1, 1, 1)
-    return torch.where(right, feature.gather(3, last_col), feature)
+    first_pad_col = extent[:, 1].clamp(max=w - 1).view(b, 1, 1, 1).expand(b, c, h, 1)
+    return feature.scatter(3, first_pad_col, feature.gather(3, last_col))
 
 
-class _Masker:
-    """Caches the valid-region mask per stride for one forward pass."""
+def _per_channel(mask: Tensor, channels: int) -> Tensor:
+    """[B, 1, H, W] -> [B, channels, H, W] through a 1x1 convolution of ones, not ``expand``.
+
+    The result is the same; the reason is ONNX Runtime's CPU layout. It runs convolutions in a blocked
+    NCHWc layout and fuses an elementwise add or multiply with another convolution's output into the
+    convolution itself only when both operands are in that layout. A broadcast [B, 1, H, W] operand
+    forces the feature map out of the layout and back in (two reorders per masked convolution, ~6% of
+    an R-50-FPN at 800x1333); a convolution's output is already in it.
+    """
+    return F.conv2d(mask, mask.new_ones(channels, 1, 1, 1))
+
+
+class _Masks:
+    """Each image's valid region per stride, for zeroing activations outside it; cached per forward pass.
+
+    ``relu(x, stride)`` is ``ReLU(x)`` zeroed outside: ReLU(x + bias) with bias 0 inside and the most
+    negative float outside, which ONNX Runtime fuses into the convolution that produced ``x``.
+    ``zero(x, stride)`` multiplies by 0/1, for activations without a ReLU (the FPN's).
+    """
 
     def __init__(self, image_sizes: Tensor):
         self.image_sizes = image_sizes
-        self.cache: dict[int, Tensor] = {}
+        self.cache: dict[tuple[str, int, int], Tensor] = {}
 
-    def __call__(self, x: Tensor, stride: int) -> Tensor:
-        if stride not in self.cache:
-            self.cache[stride] = valid_mask(self.image_sizes, stride, x.shape[-2], x.shape[-1], x.dtype)
-        return x * self.cache[stride]
+    def _mask(self, kind: str, x: Tensor, stride: int) -> Tensor:
+        key = (kind, stride, x.shape[1])
+        if key not in self.cache:
+            inside = valid_mask(self.image_sizes, stride, x.shape[-2], x.shape[-1], torch.bool)
+            if kind == "bias":
+                mask = torch.where(inside, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
+            else:
+                mask = inside.to(x.dtype)
+            self.cache[key] = _per_channel(mask, x.shape[1])
+        return self.cache[key]
+
+    def relu(self, x: Tensor, stride: int) -> Tensor:
+        return F.relu(x + self._mask("bias", x, stride))
+
+    def zero(self, x: Tensor, stride: int) -> Tensor:
+        return x * self._mask("gate", x, stride)
 
 
-def _bottleneck(block: Bottleneck, x: Tensor, mask: _Masker, stride: int) -> Tensor:
+def _bottleneck(block: Bottleneck, x: Tensor, masks: _Masks, stride: int) -> Tensor:
+    """torchvision's Bottleneck; only the 3x3 convolution reads neighbours, so only its input is masked."""
     identity = x if block.downsample is None else block.downsample(x)
-    out = mask(block.relu(block.bn1(block.conv1(x))), stride)
+    out = masks.relu(block.bn1(block.conv1(x)), stride)
     out = block.relu(block.bn2(block.conv2(out)))
     out = block.bn3(block.conv3(out))
     return block.relu(out + identity)
 
 
-def _basic_block(block: BasicBlock, x: Tensor, mask: _Masker, stride: int) -> Tensor:
-    x = mask(x, stride)
+def _basic_block(block: BasicBlock, x: Tensor, masks: _Masks, stride: int) -> Tensor:
+    """torchvision's BasicBlock; both 3x3 convolutions get masked inputs. ``x`` is a ReLU's or max-pool's
+    output, >= 0, so ``masks.relu`` leaves it unchanged inside."""
+    x = masks.relu(x, stride)
     identity = x if block.downsample is None else block.downsample(x)
-    out = mask(block.relu(block.bn1(block.conv1(x))), stride * block.stride)
+    out = masks.relu(block.bn1(block.conv1(x)), stride * block.stride)
     out = block.bn2(block.conv2(out))
     return block.relu(out + identity)
 
@@ -130,28 +165,37 @@ class ResNetFPN(nn.Module):
 
     def forward(self, x: Tensor, image_sizes: Tensor) -> list[Tensor]:
         """Features [P2, P3, P4, P5, P6] of a padded batch, zero outside each image's valid region."""
-        mask = _Masker(image_sizes)
+        masks = _Masks(image_sizes)
         body = self.body
-        x = mask(body.relu(body.bn1(body.conv1(x))), 2)
+        x = masks.relu(body.bn1(body.conv1(x)), 2)
         x = body.maxpool(x)
         stride = 4
         stages = []
         for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
             for block in layer:
-                x = self.block_forward(block, x, mask, stride)
+                x = self.block_forward(block, x, masks, stride)
                 stride *= block.stride
             stages.append(x)
-        return self._pyramid(stages, mask)
+        return self._pyramid(stages, masks)
 
-    def _pyramid(self, stages: list[Tensor], mask: _Masker) -> list[Tensor]:
+    def _pyramid(self, stages: list[Tensor], masks: _Masks) -> list[Tensor]:
         """FPN top-down pathway with lateral connections (FPN paper, section 3)."""
         fpn = self.fpn
         strides = [4, 8, 16, 32]
         inner = fpn.inner_blocks[-1](stages[-1])
-        outputs = [mask(fpn.layer_blocks[-1](mask(inner, 32)), 32)]
+        outputs = [masks.zero(fpn.layer_blocks[-1](masks.zero(inner, 32)), 32)]
         for idx in range(len(stages) - 2, -1, -1):
             lateral = fpn.inner_blocks[idx](stages[idx])
-            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
-            outputs.insert(0, mask(fpn.layer_blocks[idx](mask(inner, strides[idx])), strides[idx]))
+            inner = lateral + _upsample_to(inner, lateral)
+            outputs.insert(0, masks.zero(fpn.layer_blocks[idx](masks.zero(inner, strides[idx])), strides[idx]))
         outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
         return outputs
+
+
+def _upsample_to(x: Tensor, like: Tensor) -> Tensor:
+    """Nearest upsampling of ``x`` to ``like``'s size, as torchvision's FPN does. When that is exactly 2x
+    (always for inputs padded to multiples of 32) it is written as a fixed scale factor: ONNX Runtime
+    keeps a fixed-scale Resize in its NCHWc layout and fuses the lateral sum into the 1x1 convolution."""
+    if like.shape[-2] == 2 * x.shape[-2] and like.shape[-1] == 2 * x.shape[-1]:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return F.interpolate(x, size=like.shape[-2:], mode="nearest")

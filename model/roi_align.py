@@ -24,6 +24,8 @@ from torch import Tensor
 
 # Spatial scale of P2..P5 relative to the input image.
 FPN_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+# RoIs are pooled in bands of this many feature-map rows, left to right within a band (see spatial_order).
+ORDER_BAND_ROWS = 32
 # grid_sample's integer codes, as aten.grid_sampler_2d_backward takes them.
 _BILINEAR = 0
 _BORDER = 1
@@ -194,6 +196,21 @@ def fpn_level_of_rois(boxes: Tensor, min_level: int = 2, max_level: int = 5) -> 
     return level.clamp(min_level, max_level).to(torch.int64) - min_level
 
 
+def spatial_order(boxes: Tensor, batch_index: Tensor, stride: float) -> Tensor:
+    """An order of RoIs that visits each image in horizontal bands, left to right within a band.
+
+    The result of RoIAlign does not depend on the order of its RoIs, but its speed does: each RoI reads
+    a window of every channel plane, and neighbouring RoIs read overlapping windows that are still in
+    the cache. On P2 of an 800x1333 image with 942 proposals, ONNX Runtime's RoiAlign takes about half
+    the time in this order than in the proposals' score order.
+    """
+    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+    band = torch.floor(centers[:, 1] / (stride * ORDER_BAND_ROWS)).to(torch.int64)
+    column = torch.floor(centers[:, 0]).to(torch.int64)
+    # Keys stay exact in int64: 2**20 columns and 2**20 bands per image cover any image size.
+    return torch.argsort((batch_index.to(torch.int64) * 2**20 + band) * 2**20 + column)
+
+
 class MultiScaleRoIAlign(torch.nn.Module):
     """RoIAlign over FPN levels P2-P5: each RoI is pooled from the level its size maps to."""
 
@@ -207,17 +224,12 @@ class MultiScaleRoIAlign(torch.nn.Module):
         """Pool ``boxes`` [K, 4] (image pixels) of images ``batch_index`` [K] from P2..P5 -> [K, C, S, S]."""
         rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1)
         levels = fpn_level_of_rois(boxes)
-        out = boxes.new_zeros((boxes.shape[0], features[0].shape[1], self.output_size, self.output_size))
+        pooled, order = [], []
         for level, feature in enumerate(features):
             idx = (levels == level).nonzero().squeeze(1)
-            pooled = roi_align(
-                feature,
-                rois[idx],
-                FPN_SCALES[level],
-                self.output_size,
-                self.output_size,
-                self.sampling_ratio,
-                self.aligned,
-            )
-            out = out.index_copy(0, idx, pooled)
-        return out
+            idx = idx[spatial_order(boxes[idx], batch_index[idx], 1 / FPN_SCALES[level])]
+            size, ratio = self.output_size, self.sampling_ratio
+            pooled.append(roi_align(feature, rois[idx], FPN_SCALES[level], size, size, ratio, self.aligned))
+            order.append(idx)
+        # One gather back into the RoIs' order (scattering each level into a zero tensor copies it 4 times).
+        return torch.cat(pooled)[torch.argsort(torch.cat(order))]

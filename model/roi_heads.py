@@ -164,8 +164,8 @@ class RoIHeads(nn.Module):
         x = F.relu(self.mask_predictor.conv5_mask(x))
         logits_layer = self.mask_predictor.mask_fcn_logits
         weight = logits_layer.weight[:, :, 0, 0][labels]
-        logits = torch.einsum("nchw,nc->nhw", x, weight) + logits_layer.bias[labels][:, None, None]
-        return torch.sigmoid(logits)
+        logits = torch.bmm(weight[:, None, :], x.flatten(2)).view(-1, x.shape[2], x.shape[3])
+        return torch.sigmoid(logits + logits_layer.bias[labels][:, None, None])
 
     def inference(
         self,

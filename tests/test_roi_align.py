@@ -96,3 +96,18 @@ def test_multiscale_pooler_matches_torchvision():
         feats = {str(i): f[b : b + 1] for i, f in enumerate(features)}
         ref[sel] = ref_pooler(feats, [boxes[sel]], [(256, 384)])
     assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_multiscale_pooler_output_follows_input_order():
+    """RoIs are pooled in a cache-friendly spatial order internally; each output row is still its own RoI's."""
+    torch.manual_seed(5)
+    features = [torch.randn(2, 3, 64 // 2**i, 96 // 2**i) for i in range(4)]
+    xy = torch.rand(40, 2) * torch.tensor([300.0, 200.0])
+    boxes = torch.cat([xy, xy + 8 + torch.rand(40, 2) * 150], 1)
+    batch = torch.randint(0, 2, (40,))
+    pooler = MultiScaleRoIAlign(7, 2, aligned=True)
+    pooled = pooler(features, boxes, batch)
+    perm = torch.randperm(40)
+    assert torch.equal(pooler(features, boxes[perm], batch[perm]), pooled[perm])
+    one = pooler(features, boxes[3:4], batch[3:4])
+    assert torch.equal(one, pooled[3:4])
