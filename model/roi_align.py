@@ -224,11 +224,11 @@ class MultiScaleRoIAlign(torch.nn.Module):
         """Pool ``boxes`` [K, 4] (image pixels) of images ``batch_index`` [K] from P2..P5 -> [K, C, S, S]."""
         rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1)
         levels = fpn_level_of_rois(boxes)
+        size, ratio = self.output_size, self.sampling_ratio
         pooled, order = [], []
         for level, feature in enumerate(features):
             idx = (levels == level).nonzero().squeeze(1)
             idx = idx[spatial_order(boxes[idx], batch_index[idx], 1 / FPN_SCALES[level])]
-            size, ratio = self.output_size, self.sampling_ratio
             pooled.append(roi_align(feature, rois[idx], FPN_SCALES[level], size, size, ratio, self.aligned))
             order.append(idx)
         # One gather back into the RoIs' order (scattering each level into a zero tensor copies it 4 times).
