@@ -9,6 +9,7 @@ requests finish and the process exits with status 0.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import time
@@ -17,9 +18,52 @@ from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.app import load_app_or_exit
 from service.settings import Settings
+
+
+class OneSendTransport:
+    """An asyncio transport whose writes within one event-loop step leave in a single ``send``.
+
+    uvicorn writes a response's status line and headers, then its body, in two writes. A replica
+    killed between the two (SIGKILL, OOM) leaves the load balancer holding a header without its
+    body: nginx has already answered the client and cannot retry the request elsewhere, so the
+    client sees a truncated response. Written together, a response is all or nothing on the wire,
+    and nothing means nginx retries it on another replica (docker/nginx.conf, proxy_next_upstream).
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def _flush(self) -> None:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        if data and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+
+class OneSendH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol writing each response in one send (see OneSendTransport)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(OneSendTransport(transport))  # type: ignore[arg-type]
 
 
 class DrainingServer(uvicorn.Server):
@@ -72,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None, lifespan="on",
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None, lifespan="on", http=OneSendH11Protocol,
     )
     DrainingServer(config, on_drain, settings.drain_grace_s).run()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import os
 import signal
 import socket
@@ -114,3 +116,62 @@ def test_sigterm_drains_in_flight_and_exits_zero(request: pytest.FixtureRequest)
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+class _RecordingTransport(asyncio.Transport):
+    """Records every write, as the socket would see each send."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
+
+
+def test_each_response_leaves_in_one_send():
+    """Status line, headers and body in one write: a replica killed mid-response sends all or nothing,
+    so nginx can retry it elsewhere (see service.__main__.OneSendTransport)."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from uvicorn.server import ServerState
+
+    from service.__main__ import OneSendH11Protocol
+
+    async def hello(request):
+        return JSONResponse({"path": request.url.path, "pad": "x" * 300})
+
+    app = Starlette(routes=[Route("/a", hello), Route("/b", hello)])
+
+    async def serve() -> list[bytes]:
+        config = uvicorn.Config(app, lifespan="off", log_level="warning")
+        protocol = OneSendH11Protocol(config=config, server_state=ServerState(), app_state={})
+        transport = _RecordingTransport()
+        protocol.connection_made(transport)
+        for path in ("/a", "/b"):  # two requests on one keep-alive connection
+            n = len(transport.writes)
+            protocol.data_received(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            while len(transport.writes) == n:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # anything written later would show up as a second write
+        protocol.connection_lost(None)
+        return transport.writes
+
+    writes = asyncio.run(asyncio.wait_for(serve(), timeout=10))
+    assert len(writes) == 2, [w[:60] for w in writes]
+    for path, sent in zip(("/a", "/b"), writes, strict=True):
+        head, body = sent.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert json.loads(body) == {"path": path, "pad": "x" * 300}
