@@ -81,7 +81,7 @@ def export_graph(path: Path, queue: mp.Queue) -> None:
         start = time.perf_counter()
         assert main(["--checkpoint", str(ckpt), "--out", str(path), "--score-threshold", "0"]) == 0
         elapsed = time.perf_counter() - start
-    queue.put(([elapsed], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    queue.put((elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
 def _onnx_session(path: Path):
@@ -172,10 +172,11 @@ def run_onnx_per_image(path: Path, repeats: int, queue: mp.Queue) -> None:
             start = time.perf_counter()
             fn()
             times[batch].append((time.perf_counter() - start) / batch)
-    queue.put(({b: statistics.median(t) * 1000 for b, t in times.items()}, 0.0))
+    queue.put({b: statistics.median(t) * 1000 for b, t in times.items()})
 
 
-def _in_child(target, *args) -> tuple[list[float], float]:
+def _in_child(target, *args) -> object:
+    """Run ``target(*args, queue)`` in a fresh process and return what it put on the queue."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     process = ctx.Process(target=target, args=(*args, queue))
@@ -192,14 +193,14 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "r50.onnx"
-        (export_s,), export_mb = _in_child(export_graph, path)
+        export_s, export_mb = _in_child(export_graph, path)
         for case in CASES:
             row = compare(path, case, args.rounds)
             rows.append((case, row))
             tv_ms, ort_ms = row["ms"]["torchvision"], row["ms"]["ours"]
             print(f"{case[0]}: torchvision {tv_ms:.0f} ms, ours {ort_ms:.0f} ms, speed-up {row['ratio']:.2f}x "
                   f"({row['ratio_range'][0]:.2f}-{row['ratio_range'][1]:.2f}x over {args.rounds} rounds)")
-        per_image, _ = _in_child(run_onnx_per_image, path, args.rounds)
+        per_image = _in_child(run_onnx_per_image, path, args.rounds)
         print(f"ours per image at 512x512: batch 1 {per_image[1]:.0f} ms, batch 4 {per_image[4]:.0f} ms")
     lines = [
         "## Export: our ONNX graph (ONNX Runtime) vs torchvision eager, R-50-FPN, 100 detections per image",
