@@ -15,6 +15,27 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# /proc/cpuinfo flag -> name, widest first.
+VECTOR_EXTENSIONS = (("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
+
+def cpu_model() -> str:
+    """The CPU's model name and widest vector extension,
+    e.g. "Intel(R) Xeon(R) Processor (family 6, model 207), AVX-512".
+
+    The sessions of this project have run on different CPUs (AVX2, AMD EPYC and Intel Xeon with
+    AVX-512), and speed ratios between engines depend on which: a figure without it cannot be compared.
+    """
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    pairs = (line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in pairs}
+    flags = set(fields.get("flags", "").split())
+    vector = next((name for flag, name in VECTOR_EXTENSIONS if flag in flags), "no AVX2")
+    name = fields.get("model name", platform.machine())
+    return f"{name} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}), {vector}"
 
 
 def machine() -> str:
@@ -23,7 +44,7 @@ def machine() -> str:
 
     cpus = len(os.sched_getaffinity(0))
     return (
-        f"{platform.processor() or platform.machine()}, {cpus} CPUs visible, Python "
+        f"{cpu_model()}, {cpus} CPUs visible, Python "
         f"{sys.version.split()[0]}, numpy {np.__version__}, onnxruntime {onnxruntime.__version__}"
     )
 
