@@ -57,11 +57,11 @@ print('\n'.join(deps))" "${VARIANT}" > /tmp/requirements.txt \
     && pip install --upgrade pip \
     && pip install -r /tmp/requirements.txt
 
-# 2) The service itself, without touching the dependencies resolved above.
-COPY README.md ./
+# 2) The service and the graph contract it reads, without touching the dependencies resolved above.
+COPY README.md contract.py ./
 COPY service ./service
 RUN pip install --no-deps . \
-    && python -c "import onnxruntime, service; print('providers:', onnxruntime.get_available_providers())" \
+    && python -c "import onnxruntime, contract, service.app; print('providers:', onnxruntime.get_available_providers())" \
     && ! python -c "import torch" 2>/dev/null
 
 # ---------------------------------------------------------------------------------------------

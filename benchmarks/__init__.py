@@ -64,22 +64,3 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def calibrate_batch_norms(body: torch.nn.Module, size: int) -> None:  # noqa: F821 (torch imported lazily)
-    """Give the random backbone's batch norms the statistics of random images, as a trained network has.
-
-    With torchvision's default running statistics (mean 0, variance 1) activations grow by orders of
-    magnitude through the 16 blocks; objectness and class scores then saturate into exact ties whose
-    order float rounding decides, which measures nothing. Calibrated, activations stay O(10).
-    """
-    import torch
-
-    for module in body.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # cumulative average: the statistics of this one batch
-            module.reset_running_stats()
-    body.train()
-    with torch.no_grad():
-        body((torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(99)) - 0.45) / 0.225)
-    body.eval()

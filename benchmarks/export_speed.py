@@ -24,7 +24,8 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from benchmarks import calibrate_batch_norms, machine, write_section
+from benchmarks import machine, write_section
+from contract import OUTPUT_NAMES, pad_batch
 
 THREADS = 2
 ENGINES = ("torchvision", "ours")
@@ -42,6 +43,8 @@ def _images(height: int, width: int, batch: int):
 def _torchvision_model(min_size: int):
     import torch
     from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    from model.backbone import calibrate_batch_norms
 
     torch.manual_seed(0)
     model = maskrcnn_resnet50_fpn(
@@ -94,17 +97,11 @@ def _onnx_session(path: Path):
 
 def _onnx_forward(session, height: int, width: int, batch: int):
     """A timed-ready call of the graph on ``batch`` padded random images; checks the forced 100 detections."""
-    import numpy as np
+    images, sizes = pad_batch(list(_images(height, width, batch).numpy()))
+    feeds = {"images": images, "image_sizes": sizes}
 
-    pad_h, pad_w = height + (-height % 32), width + (-width % 32)
-    images = np.zeros((batch, 3, pad_h, pad_w), np.uint8)
-    images[:, :, :height, :width] = _images(height, width, batch).numpy()
-    feeds = {"images": images, "image_sizes": np.array([[height, width]] * batch, np.int64)}
-
-    names = [output.name for output in session.get_outputs()]  # all of them, as the service fetches
-
-    def forward():
-        out = dict(zip(names, session.run(names, feeds), strict=True))
+    def forward():  # all outputs fetched, as the service does
+        out = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), feeds), strict=True))
         assert (out["num_detections"] == 100).all()
 
     return forward

@@ -213,9 +213,9 @@ def main(argv: list[str] | None = None) -> None:
 
     cmd = "python -m benchmarks.serve_load " + shlex.join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
-        f"## Serving ({info.name} {info.architecture}): HTTP load on the real server vs raw ONNX Runtime",
+        f"## Serving ({info.model_name} {info.architecture}): HTTP load on the real server vs raw ONNX Runtime",
         "",
-        f"Command: `{cmd.strip()}`. Model {info.name} {info.version} ({info.architecture}, "
+        f"Command: `{cmd.strip()}`. Model {info.model_name} {info.model_version} ({info.architecture}, "
         f"min/max size {info.min_size}/{info.max_size}); {args.images} distinct {args.size[0]}x{args.size[1]} "
         f"JPEGs; server `python -m service` on loopback, max batch {args.max_batch_size}, max wait "
         f"{args.max_batch_wait_ms:g} ms; closed-loop asyncio httpx clients on the same machine. {machine()}.",

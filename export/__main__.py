@@ -7,11 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
-
+from contract import DEFAULT_DETECTIONS_PER_IMAGE, DEFAULT_NMS_THRESHOLD, DEFAULT_SCORE_THRESHOLD, GraphMetadata
 from export.exporter import DEFAULT_OPSET, ExportConfig, ExportError, export_model
 from model.backbone import RESNET_DEPTHS
-from model.checkpoint import CheckpointError, load_model
+from model.checkpoint import CheckpointError, LoadedModel, load_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,30 +20,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", choices=sorted(RESNET_DEPTHS), default=None, help="default: the checkpoint's, or r50_fpn")
     p.add_argument("--num-classes", type=int, default=None, help="background included (default: the checkpoint's)")
     p.add_argument("--class-names", type=Path, default=None, help="file with one name a line, background first")
-    p.add_argument("--score-threshold", type=float, default=0.05)
-    p.add_argument("--nms-threshold", type=float, default=0.5)
-    p.add_argument("--detections-per-image", type=int, default=100)
+    p.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD)
+    p.add_argument("--nms-threshold", type=float, default=DEFAULT_NMS_THRESHOLD)
+    p.add_argument("--detections-per-image", type=int, default=DEFAULT_DETECTIONS_PER_IMAGE)
     p.add_argument("--min-size", type=int, default=None, help="default: the checkpoint's, or 800")
     p.add_argument("--max-size", type=int, default=None, help="default: the checkpoint's, or 1333")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    p.add_argument("--model-name", default=None)
+    p.add_argument("--model-name", default=None, help="default: the output file's stem")
     p.add_argument("--model-version", default="1")
     p.add_argument("--fp16-weights", action="store_true", help="store weights as float16 (compute stays float32)")
     return p.parse_args(argv)
 
 
-def resolve_class_names(args: argparse.Namespace, ckpt_names: list[str] | None, num_classes: int) -> list[str]:
-    if args.class_names is not None:
-        names = [line.strip() for line in args.class_names.read_text().splitlines() if line.strip()]
-    elif ckpt_names:
-        names = list(ckpt_names)
-    elif num_classes == 91:
-        names = list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
-    else:
-        names = ["__background__"] + [f"class_{i}" for i in range(1, num_classes)]
-    if len(names) != num_classes:
-        raise ExportError(f"{len(names)} class names for a model with {num_classes} classes (background included)")
+def class_names(args: argparse.Namespace, loaded: LoadedModel) -> list[str]:
+    """The checkpoint's class names, or those of ``--class-names`` (which must be as many)."""
+    if args.class_names is None:
+        return loaded.class_names
+    names = [line.strip() for line in args.class_names.read_text().splitlines() if line.strip()]
+    if len(names) != loaded.num_classes:
+        raise ExportError(f"{len(names)} class names for a model of {loaded.num_classes} classes (background included)")
     return names
+
+
+def graph_metadata(args: argparse.Namespace, loaded: LoadedModel) -> GraphMetadata:
+    return GraphMetadata(
+        model_name=args.model_name or args.out.stem,
+        model_version=args.model_version,
+        architecture=loaded.arch,
+        class_names=class_names(args, loaded),
+        mask_size=loaded.model.roi_heads.mask_size,
+        min_size=args.min_size or loaded.min_size,
+        max_size=args.max_size or loaded.max_size,
+        score_threshold=args.score_threshold,
+        nms_threshold=args.nms_threshold,
+        detections_per_image=args.detections_per_image,
+        weights="float16" if args.fp16_weights else "float32",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         print(f"load: {args.checkpoint}")
-        model, ckpt = load_model(
+        loaded = load_model(
             args.checkpoint,
             args.arch,
             args.num_classes,
@@ -60,23 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             nms_thresh=args.nms_threshold,
             detections_per_img=args.detections_per_image,
         )
-        arch = args.arch or ckpt.config.get("arch", "r50_fpn")
-        num_classes = model.roi_heads.box_predictor.cls_score.out_features
-        print(f"  {ckpt.source} checkpoint, {arch}, {num_classes} classes")
-        config = ExportConfig(
-            arch=arch,
-            class_names=resolve_class_names(args, ckpt.class_names, num_classes),
-            min_size=args.min_size or int(ckpt.config.get("min_size", 800)),
-            max_size=args.max_size or int(ckpt.config.get("max_size", 1333)),
-            score_threshold=args.score_threshold,
-            nms_threshold=args.nms_threshold,
-            detections_per_image=args.detections_per_image,
-            opset=args.opset,
-            model_name=args.model_name or args.out.stem,
-            model_version=args.model_version,
-            fp16_weights=args.fp16_weights,
-        )
-        results = export_model(model, args.out, config)
+        print(f"  {loaded.source} checkpoint, {loaded.arch}, {loaded.num_classes} classes")
+        meta = graph_metadata(args, loaded)
+        results = export_model(loaded.model, args.out, ExportConfig(meta, args.opset))
     except (CheckpointError, ExportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -84,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"done: {args.out} ({size_mb:.1f} MiB) in {time.perf_counter() - started:.0f} s; "
         f"inputs images uint8 [B,3,H,W], image_sizes int64 [B,2], score_threshold float32 [B] (optional); "
-        f"outputs boxes, scores, labels, masks [B,{config.detections_per_image},28,28], num_detections; "
-        f"verified on {len(results)} samples"
+        f"outputs boxes, scores, labels, masks [B,{meta.detections_per_image},{meta.mask_size},{meta.mask_size}], "
+        f"num_detections; verified on {len(results)} samples"
     )
     return 0
 

@@ -8,9 +8,6 @@ temporary name and only moved into place once ONNX Runtime reproduces PyTorch's 
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +18,11 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from contract import INPUT_NAMES, OUTPUT_NAMES, SIZE_DIVISIBILITY, GraphMetadata, padded_size
 from export.onnx_ops import translation_table
+from model.files import atomic_path
 from model.mask_rcnn import MaskRCNN
-from model.roi_heads import MASK_SIZE
 
-FORMAT_VERSION = "1"
-INPUT_NAMES = ["images", "image_sizes", "score_threshold"]
-OUTPUT_NAMES = ["boxes", "scores", "labels", "masks", "num_detections"]
-SIZE_DIVISIBILITY = 32
 DEFAULT_OPSET = 18
 # Verification tolerances (the export contract): boxes within 1e-3 px, scores within 1e-4,
 # identical labels, masks with mean IoU >= 0.99 after the 0.5 threshold. Box errors are measured
@@ -47,35 +41,14 @@ class ExportError(RuntimeError):
 
 @dataclass
 class ExportConfig:
-    arch: str
-    class_names: list[str]
-    min_size: int = 800
-    max_size: int = 1333
-    score_threshold: float = 0.05
-    nms_threshold: float = 0.5
-    detections_per_image: int = 100
-    opset: int = DEFAULT_OPSET
-    model_name: str = "maskrcnn"
-    model_version: str = "1"
-    fp16_weights: bool = False
+    """What the file will say about itself, and how to write it."""
 
-    def metadata(self) -> dict[str, str]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "model_name": self.model_name,
-            "model_version": self.model_version,
-            "architecture": self.arch,
-            "class_names": json.dumps(self.class_names),
-            "mask_size": str(MASK_SIZE),
-            "min_size": str(self.min_size),
-            "max_size": str(self.max_size),
-            "size_divisibility": str(SIZE_DIVISIBILITY),
-            "score_threshold": str(self.score_threshold),
-            "nms_threshold": str(self.nms_threshold),
-            "detections_per_image": str(self.detections_per_image),
-            "normalization": "in_graph",
-            "weights": "float16" if self.fp16_weights else "float32",
-        }
+    metadata: GraphMetadata
+    opset: int = DEFAULT_OPSET
+
+    @property
+    def fp16_weights(self) -> bool:
+        return self.metadata.weights == "float16"
 
 
 class InferenceGraph(nn.Module):
@@ -114,7 +87,8 @@ def _folded(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     if conv.bias is not None:
         bias = bias + conv.bias * scale
     fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+        padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
     )
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale[:, None, None, None])
@@ -150,10 +124,7 @@ def store_weights_fp16(graph_model: onnx.ModelProto, min_elements: int = 1024) -
 def sample_batch(sizes: list[tuple[int, int]], seed: int = 0) -> tuple[Tensor, Tensor]:
     """A zero-padded uint8 batch of random images with the given real sizes (padded to multiples of 32)."""
     g = torch.Generator().manual_seed(seed)
-    height = max(h for h, _ in sizes)
-    width = max(w for _, w in sizes)
-    height += -height % SIZE_DIVISIBILITY
-    width += -width % SIZE_DIVISIBILITY
+    height, width = padded_size(max(h for h, _ in sizes), max(w for _, w in sizes))
     images = torch.zeros(len(sizes), 3, height, width, dtype=torch.uint8)
     for i, (h, w) in enumerate(sizes):
         images[i, :, :h, :w] = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
@@ -174,8 +145,8 @@ def _trace(model: MaskRCNN, path: Path, opset: int, sample: tuple[Tensor, Tensor
             "image_sizes": {0: batch},
             "score_threshold": {0: torch.export.Dim("thresholds", min=1, max=256)},
         },
-        input_names=INPUT_NAMES,
-        output_names=OUTPUT_NAMES,
+        input_names=list(INPUT_NAMES),
+        output_names=list(OUTPUT_NAMES),
         custom_translation_table=translation_table(),
         opset_version=opset,
         dynamo=True,
@@ -199,10 +170,10 @@ def _finalize(path: Path, config: ExportConfig) -> None:
         if dims and value.name != "score_threshold":
             dims[0].dim_param = "batch"
     # An initializer with an input's name is that input's default: callers may omit it.
-    default = np.array([config.score_threshold], dtype=np.float32)
+    default = np.array([config.metadata.score_threshold], dtype=np.float32)
     graph.initializer.append(onnx.numpy_helper.from_array(default, "score_threshold"))
     del graph_model.metadata_props[:]
-    for key, value in config.metadata().items():
+    for key, value in config.metadata.to_props().items():
         graph_model.metadata_props.add(key=key, value=value)
     if config.fp16_weights:
         store_weights_fp16(graph_model)
@@ -310,7 +281,7 @@ def run_torch(model: MaskRCNN, images: Tensor, image_sizes: Tensor) -> dict[str,
 
 
 def run_onnx(session: ort.InferenceSession, images: Tensor, image_sizes: Tensor) -> dict[str, np.ndarray]:
-    outputs = session.run(OUTPUT_NAMES, {"images": images.numpy(), "image_sizes": image_sizes.numpy()})
+    outputs = session.run(list(OUTPUT_NAMES), {"images": images.numpy(), "image_sizes": image_sizes.numpy()})
     return dict(zip(OUTPUT_NAMES, outputs, strict=True))
 
 
@@ -330,21 +301,16 @@ def verify(model: MaskRCNN, path: Path, samples: list[tuple[Tensor, Tensor]]) ->
 
 def export_model(model: MaskRCNN, out: Path, config: ExportConfig, log=print) -> list[Verification]:
     """Export, finalize and verify ``model`` into ``out``; on any failure no file is left at ``out``."""
-    out = Path(out)
     model = fold_batch_norms(model.eval())
     if config.fp16_weights:
         round_weights_to_fp16(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(out) as tmp:
         log("export: tracing with torch.export and converting to ONNX")
         _trace(model, tmp, config.opset, sample_batch([(256, 320), (192, 256)], seed=0))
         log("optimize: metadata, named dimensions, onnx.checker")
         _finalize(tmp, config)
         log("verify: ONNX Runtime vs PyTorch")
-        results = verify(model, tmp, verification_samples(config.min_size))
+        results = verify(model, tmp, verification_samples(config.metadata.min_size))
         for result in results:
             log(f"  {result}")
         failed = [r for r in results if not r.ok()]
@@ -355,8 +321,4 @@ def export_model(model: MaskRCNN, out: Path, config: ExportConfig, log=print) ->
                 "  note: the random sample images gave no detections above the threshold; "
                 "only the empty outputs were compared"
             )
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; the exported model is meant to be shared
-        os.replace(tmp, out)
-        return results
-    finally:
-        tmp.unlink(missing_ok=True)
+    return results

@@ -6,12 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-ANCHOR_SIZES = (32, 64, 128, 256, 512)
+ANCHOR_SIZES = (32, 64, 128, 256, 512)  # one per FPN level, P2..P6
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
-# Strides of P2..P6. They are nominal (2^level), which keeps anchors independent of how much an image
-# is padded; torchvision derives them as padded_size // feature_size, the same whenever the padded
-# size is a multiple of 64.
-FPN_STRIDES = (4, 8, 16, 32, 64)
 
 
 def cell_anchors(size: int, ratios: tuple[float, ...] = ASPECT_RATIOS) -> Tensor:

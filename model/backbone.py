@@ -21,6 +21,10 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 # Architecture name -> torchvision ResNet depth.
 RESNET_DEPTHS = {"r18_fpn": 18, "r50_fpn": 50, "r101_fpn": 101}
 FPN_CHANNELS = 256
+# Strides of the pyramid's levels P2..P6 relative to the input (FPN paper, section 3: C2..C5 halve the
+# resolution stage by stage, P6 subsamples P5). RoIs are pooled from P2..P5, anchors placed on all five.
+FPN_STRIDES = (4, 8, 16, 32, 64)
+POOLED_STRIDES = FPN_STRIDES[:4]
 
 
 def valid_extent(image_sizes: Tensor, stride: int) -> Tensor:
@@ -167,9 +171,9 @@ class ResNetFPN(nn.Module):
         """Features [P2, P3, P4, P5, P6] of a padded batch, zero outside each image's valid region."""
         masks = _Masks(image_sizes)
         body = self.body
-        x = masks.relu(body.bn1(body.conv1(x)), 2)
+        x = masks.relu(body.bn1(body.conv1(x)), 2)  # the stem convolution has stride 2
         x = body.maxpool(x)
-        stride = 4
+        stride = FPN_STRIDES[0]  # after the stride-2 max-pool: C2's
         stages = []
         for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
             for block in layer:
@@ -181,13 +185,14 @@ class ResNetFPN(nn.Module):
     def _pyramid(self, stages: list[Tensor], masks: _Masks) -> list[Tensor]:
         """FPN top-down pathway with lateral connections (FPN paper, section 3)."""
         fpn = self.fpn
-        strides = [4, 8, 16, 32]
+        top = POOLED_STRIDES[-1]
         inner = fpn.inner_blocks[-1](stages[-1])
-        outputs = [masks.zero(fpn.layer_blocks[-1](masks.zero(inner, 32)), 32)]
+        outputs = [masks.zero(fpn.layer_blocks[-1](masks.zero(inner, top)), top)]
         for idx in range(len(stages) - 2, -1, -1):
             lateral = fpn.inner_blocks[idx](stages[idx])
             inner = lateral + _upsample_to(inner, lateral)
-            outputs.insert(0, masks.zero(fpn.layer_blocks[idx](masks.zero(inner, strides[idx])), strides[idx]))
+            stride = POOLED_STRIDES[idx]
+            outputs.insert(0, masks.zero(fpn.layer_blocks[idx](masks.zero(inner, stride)), stride))
         outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
         return outputs
 
@@ -199,3 +204,21 @@ def _upsample_to(x: Tensor, like: Tensor) -> Tensor:
     if like.shape[-2] == 2 * x.shape[-2] and like.shape[-1] == 2 * x.shape[-1]:
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
     return F.interpolate(x, size=like.shape[-2:], mode="nearest")
+
+
+def calibrate_batch_norms(body: nn.Module, size: int, seed: int = 99) -> None:
+    """Give a randomly initialized body's batch norms the statistics of random images, as a trained
+    network has (for tests and benchmarks with random weights).
+
+    With torchvision's default running statistics (mean 0, variance 1) activations grow by orders of
+    magnitude through the 16 blocks of a ResNet-50; objectness and class scores then saturate into exact
+    ties whose order float rounding decides, which measures nothing. Calibrated, activations stay O(10).
+    """
+    for module in body.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # cumulative average: the statistics of this one batch
+            module.reset_running_stats()
+    body.train()
+    with torch.no_grad():
+        body((torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed)) - 0.45) / 0.225)
+    body.eval()

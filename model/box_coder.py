@@ -11,6 +11,9 @@ from torch import Tensor
 
 # Largest log-scale change a regression may apply: exp(clip) = 1000 / 16 (torchvision's bound).
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+# Where the smooth-L1 loss on these regressions turns from quadratic to linear, for the RPN and the box
+# head alike (torchvision's and Detectron2's 1/9).
+SMOOTH_L1_BETA = 1.0 / 9
 
 
 def encode(gt: Tensor, reference: Tensor, weights: tuple[float, float, float, float]) -> Tensor:

@@ -10,6 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from contract import (
+    COCO_NUM_CLASSES,
+    DEFAULT_ARCH,
+    DEFAULT_DETECTIONS_PER_IMAGE,
+    DEFAULT_NMS_THRESHOLD,
+    DEFAULT_SCORE_THRESHOLD,
+)
 from model.backbone import FPN_CHANNELS, ResNetFPN, valid_mask
 from model.roi_heads import MASK_HEAD_CHANNELS, REPRESENTATION_SIZE, RoIHeads
 from model.rpn import RegionProposalNetwork
@@ -55,13 +62,13 @@ class MaskRCNN(nn.Module):
 
 
 def build_model(
-    arch: str = "r50_fpn",
-    num_classes: int = 91,
+    arch: str = DEFAULT_ARCH,
+    num_classes: int = COCO_NUM_CLASSES,
     norm: str = "frozen_bn",
     aligned: bool = False,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    detections_per_img: int = 100,
+    score_thresh: float = DEFAULT_SCORE_THRESHOLD,
+    nms_thresh: float = DEFAULT_NMS_THRESHOLD,
+    detections_per_img: int = DEFAULT_DETECTIONS_PER_IMAGE,
     rpn_pre_nms_top_n_test: int = 1000,
     rpn_post_nms_top_n_test: int = 1000,
     rpn_pre_nms_top_n_train: int = 2000,

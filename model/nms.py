@@ -50,3 +50,29 @@ def keep_mask(selected: Tensor, shape: tuple[int, int, int]) -> Tensor:
     return mask.index_put(
         (selected[:, 0], selected[:, 1], selected[:, 2]), torch.ones_like(selected[:, 0], dtype=torch.bool)
     )
+
+
+# A dropped candidate's score: below every probability. NMS is told to keep scores above the floor,
+# halfway between the two, so it visits exactly the candidates that were not dropped.
+DROPPED_SCORE = -1.0
+_NMS_SCORE_FLOOR = -0.5
+
+
+def nms_top_k(
+    boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float, max_per_group: int, k: int, images: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """NMS within groups, then the ``k`` best survivors of each image, as fixed-size tensors.
+
+    ``boxes`` [E, N, 4] and ``scores``, ``valid`` [E, G, N] in ``multiclass_nms``'s layout, where the
+    ``E`` entries are ``images`` consecutive blocks of ``E / images`` entries (one entry per image for
+    the RPN, whose groups are FPN levels; one per image and class for the box head). Candidates that
+    are not ``valid`` are neither suppressors nor kept. Returns the top scores [B, k'], each one's flat
+    index into its image's (entry, group, box) candidates [B, k'], and whether it is real [B, k']
+    (k' = min(k, candidates per image); rows past an image's survivors are not real).
+    """
+    masked = torch.where(valid, scores, DROPPED_SCORE)
+    selected = multiclass_nms(boxes, masked, max_per_group, iou_threshold, _NMS_SCORE_FLOOR)
+    kept = keep_mask(selected, tuple(masked.shape)).reshape(images, -1)
+    kept_scores = torch.where(kept, masked.reshape(images, -1), DROPPED_SCORE)
+    top, index = kept_scores.topk(torch.sym_min(k, kept_scores.shape[1]), dim=1)
+    return top, index, top > _NMS_SCORE_FLOOR

@@ -22,8 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Spatial scale of P2..P5 relative to the input image.
-FPN_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 # RoIs are pooled in bands of this many feature-map rows, left to right within a band (see spatial_order).
 ORDER_BAND_ROWS = 32
 # grid_sample's integer codes, as aten.grid_sampler_2d_backward takes them.
@@ -212,11 +210,12 @@ def spatial_order(boxes: Tensor, batch_index: Tensor, stride: float) -> Tensor:
 
 
 class MultiScaleRoIAlign(torch.nn.Module):
-    """RoIAlign over FPN levels P2-P5: each RoI is pooled from the level its size maps to."""
+    """RoIAlign over FPN levels P2-P5 (``strides`` 4..32): each RoI is pooled from the level its size maps to."""
 
-    def __init__(self, output_size: int, sampling_ratio: int = 2, aligned: bool = False):
+    def __init__(self, output_size: int, strides: tuple[int, ...], sampling_ratio: int = 2, aligned: bool = False):
         super().__init__()
         self.output_size = output_size
+        self.strides = strides
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
 
@@ -226,10 +225,10 @@ class MultiScaleRoIAlign(torch.nn.Module):
         levels = fpn_level_of_rois(boxes)
         size, ratio = self.output_size, self.sampling_ratio
         pooled, order = [], []
-        for level, feature in enumerate(features):
+        for level, (feature, stride) in enumerate(zip(features, self.strides, strict=True)):
             idx = (levels == level).nonzero().squeeze(1)
-            idx = idx[spatial_order(boxes[idx], batch_index[idx], 1 / FPN_SCALES[level])]
-            pooled.append(roi_align(feature, rois[idx], FPN_SCALES[level], size, size, ratio, self.aligned))
+            idx = idx[spatial_order(boxes[idx], batch_index[idx], stride)]
+            pooled.append(roi_align(feature, rois[idx], 1 / stride, size, size, ratio, self.aligned))
             order.append(idx)
         # One gather back into the RoIs' order (scattering each level into a zero tensor copies it 4 times).
         return torch.cat(pooled)[torch.argsort(torch.cat(order))]

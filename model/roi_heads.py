@@ -13,22 +13,21 @@ from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
+from contract import DEFAULT_DETECTIONS_PER_IMAGE, DEFAULT_NMS_THRESHOLD, DEFAULT_SCORE_THRESHOLD
 from model import box_coder
-from model.anchor_utils import FPN_STRIDES
-from model.backbone import FPN_CHANNELS, replicate_edges
+from model.backbone import FPN_CHANNELS, POOLED_STRIDES, replicate_edges
 from model.matcher import match, pad_targets, pairwise_iou, sample_balanced
-from model.nms import keep_mask, multiclass_nms
+from model.nms import nms_top_k
 from model.roi_align import MultiScaleRoIAlign, roi_align
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 BOX_POOL_SIZE = 7
 MASK_POOL_SIZE = 14
-MASK_SIZE = 28
+MASK_SIZE = 2 * MASK_POOL_SIZE  # the mask head's deconvolution doubles its 14x14 RoIs (section 3, Figure 4)
 SAMPLING_RATIO = 2
 REPRESENTATION_SIZE = 1024
 MASK_HEAD_CHANNELS = 256
 MIN_DETECTION_SIZE = 1e-2
-SMOOTH_L1_BETA = 1.0 / 9
 
 
 def fastrcnn_loss(
@@ -39,9 +38,8 @@ def fastrcnn_loss(
     loss_classifier = F.cross_entropy(class_logits, labels)
     positive = (labels > 0).nonzero().squeeze(1)
     per_class = box_regression.view(box_regression.shape[0], -1, 4)
-    loss_box = F.smooth_l1_loss(
-        per_class[positive, labels[positive]], regression_targets[positive], beta=SMOOTH_L1_BETA, reduction="sum"
-    )
+    picked = per_class[positive, labels[positive]]
+    loss_box = F.smooth_l1_loss(picked, regression_targets[positive], beta=box_coder.SMOOTH_L1_BETA, reduction="sum")
     return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box / max(labels.numel(), 1)}
 
 
@@ -79,14 +77,13 @@ def box_inference(
     scores = F.softmax(class_logits, -1).view(b, p, num_classes)[:, :, 1:]
     ok = proposal_valid[:, :, None] & (scores > score_threshold[:, None, None])
     ok = ok & box_coder.is_large_enough(boxes, MIN_DETECTION_SIZE)
-    scores = torch.where(ok, scores, -1.0)
+    # One NMS entry per (image, class): classes never suppress each other.
     per_class_boxes = boxes.transpose(1, 2).reshape(b * (num_classes - 1), p, 4)
     per_class_scores = scores.transpose(1, 2).reshape(b * (num_classes - 1), 1, p)
-    selected = multiclass_nms(per_class_boxes, per_class_scores, detections_per_img, nms_thresh, -0.5)
-    kept = keep_mask(selected, (b * (num_classes - 1), 1, p)).view(b, -1)
-    kept_scores = torch.where(kept, per_class_scores.reshape(b, -1), -1.0)
-    top, idx = kept_scores.topk(torch.sym_min(detections_per_img, kept_scores.shape[1]), dim=1)
-    valid = top >= 0
+    per_class_ok = ok.transpose(1, 2).reshape(b * (num_classes - 1), 1, p)
+    top, idx, valid = nms_top_k(
+        per_class_boxes, per_class_scores, per_class_ok, nms_thresh, detections_per_img, detections_per_img, b
+    )
     det_boxes = per_class_boxes.reshape(b, -1, 4).gather(1, idx[..., None].expand(-1, -1, 4))
     det_boxes = det_boxes * valid[..., None]
     labels = torch.where(valid, torch.div(idx, p, rounding_mode="floor") + 1, 0)
@@ -105,18 +102,19 @@ class RoIHeads(nn.Module):
         bg_iou_thresh: float = 0.5,
         batch_size_per_image: int = 512,
         positive_fraction: float = 0.25,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        detections_per_img: int = 100,
+        score_thresh: float = DEFAULT_SCORE_THRESHOLD,
+        nms_thresh: float = DEFAULT_NMS_THRESHOLD,
+        detections_per_img: int = DEFAULT_DETECTIONS_PER_IMAGE,
     ):
         super().__init__()
-        self.box_roi_pool = MultiScaleRoIAlign(BOX_POOL_SIZE, SAMPLING_RATIO, aligned)
+        self.box_roi_pool = MultiScaleRoIAlign(BOX_POOL_SIZE, POOLED_STRIDES, SAMPLING_RATIO, aligned)
         self.box_head = TwoMLPHead(in_channels * BOX_POOL_SIZE**2, representation_size)
         self.box_predictor = FastRCNNPredictor(representation_size, num_classes)
-        self.mask_roi_pool = MultiScaleRoIAlign(MASK_POOL_SIZE, SAMPLING_RATIO, aligned)
+        self.mask_roi_pool = MultiScaleRoIAlign(MASK_POOL_SIZE, POOLED_STRIDES, SAMPLING_RATIO, aligned)
         self.mask_head = MaskRCNNHeads(in_channels, [mask_channels] * 4, 1)
         self.mask_predictor = MaskRCNNPredictor(mask_channels, mask_channels, num_classes)
         self._init_predictors()
+        self.mask_size = MASK_SIZE
         self.aligned = aligned
         self.fg_iou_thresh = fg_iou_thresh
         self.bg_iou_thresh = bg_iou_thresh
@@ -145,7 +143,7 @@ class RoIHeads(nn.Module):
         score_threshold: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Losses (training) or the fixed-size detections dict (inference)."""
-        pooled = [replicate_edges(f, image_sizes, s) for f, s in zip(features[:4], FPN_STRIDES, strict=False)]
+        pooled = [replicate_edges(f, image_sizes, s) for f, s in zip(features, POOLED_STRIDES, strict=False)]
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")
@@ -197,12 +195,12 @@ class RoIHeads(nn.Module):
         probs = self.mask_inference(
             features, boxes.flatten(0, 1)[rows], torch.div(rows, d, rounding_mode="floor"), labels.flatten()[rows]
         )
-        masks = probs.new_zeros((b * d, MASK_SIZE, MASK_SIZE)).index_copy(0, rows, probs)
+        masks = probs.new_zeros((b * d, self.mask_size, self.mask_size)).index_copy(0, rows, probs)
         return {
             "boxes": boxes,
             "scores": scores,
             "labels": labels,
-            "masks": masks.view(b, d, MASK_SIZE, MASK_SIZE),
+            "masks": masks.view(b, d, self.mask_size, self.mask_size),
             "num_detections": valid.sum(1),
         }
 
@@ -238,7 +236,7 @@ class RoIHeads(nn.Module):
     ) -> Tensor:
         """Mask targets [N, M, M]: each positive RoI's ground-truth mask RoIAligned onto the RoI."""
         if boxes.shape[0] == 0:
-            return boxes.new_zeros((0, MASK_SIZE, MASK_SIZE))
+            return boxes.new_zeros((0, self.mask_size, self.mask_size))
         height = max(t["masks"].shape[-2] for t in targets)
         width = max(t["masks"].shape[-1] for t in targets)
         masks = [
@@ -248,4 +246,4 @@ class RoIHeads(nn.Module):
         all_masks = torch.cat(masks, 0)[:, None]
         offsets = torch.cumsum(gt_valid.sum(1), 0) - gt_valid.sum(1)
         rois = torch.cat([(offsets[image] + gt_index).to(boxes.dtype)[:, None], boxes], 1)
-        return roi_align(all_masks, rois, 1.0, MASK_SIZE, MASK_SIZE, SAMPLING_RATIO, self.aligned)[:, 0]
+        return roi_align(all_masks, rois, 1.0, self.mask_size, self.mask_size, SAMPLING_RATIO, self.aligned)[:, 0]

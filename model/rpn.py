@@ -7,20 +7,30 @@ padding are never proposed, so an image's proposals do not depend on what it is 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.rpn import RPNHead
 
 from model import box_coder
-from model.anchor_utils import ANCHOR_SIZES, ASPECT_RATIOS, FPN_STRIDES, cell_anchors, grid_anchors
-from model.backbone import FPN_CHANNELS, valid_mask
-from model.matcher import match, pad_targets, pairwise_iou, sample_balanced
-from model.nms import keep_mask, multiclass_nms
+from model.anchor_utils import ANCHOR_SIZES, ASPECT_RATIOS, cell_anchors, grid_anchors
+from model.backbone import FPN_CHANNELS, FPN_STRIDES, valid_mask
+from model.matcher import BELOW_LOW_THRESHOLD, match, pad_targets, pairwise_iou, sample_balanced
+from model.nms import nms_top_k
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 MIN_PROPOSAL_SIZE = 1e-3
-SMOOTH_L1_BETA = 1.0 / 9
+
+
+class RPNLevel(NamedTuple):
+    """The RPN head's outputs on one FPN level, flattened in (row, column, anchor) order."""
+
+    logits: Tensor  # [B, H*W*A] objectness
+    deltas: Tensor  # [B, H*W*A, 4] box regression
+    anchors: Tensor  # [H*W*A, 4]
+    inside: Tensor  # [B, H*W*A] anchor centred inside the image's real extent (not in the padding)
 
 
 class RegionProposalNetwork(nn.Module):
@@ -61,11 +71,11 @@ class RegionProposalNetwork(nn.Module):
             anchors = grid_anchors(h, w, stride, cell_anchors(size).to(level_logits.device))
             inside = valid_mask(image_sizes, stride, h, w, torch.bool)[:, 0, :, :, None].expand(b, h, w, a)
             levels.append(
-                (
-                    level_logits.permute(0, 2, 3, 1).reshape(b, -1),
-                    level_deltas.view(b, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4),
-                    anchors,
-                    inside.reshape(b, -1),
+                RPNLevel(
+                    logits=level_logits.permute(0, 2, 3, 1).reshape(b, -1),
+                    deltas=level_deltas.view(b, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, 4),
+                    anchors=anchors,
+                    inside=inside.reshape(b, -1),
                 )
             )
         proposals, valid = self.select_proposals(levels, image_sizes)
@@ -76,17 +86,15 @@ class RegionProposalNetwork(nn.Module):
             losses = self.loss(levels, targets)
         return proposals, valid, losses
 
-    def select_proposals(
-        self, levels: list[tuple[Tensor, Tensor, Tensor, Tensor]], image_sizes: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def select_proposals(self, levels: list[RPNLevel], image_sizes: Tensor) -> tuple[Tensor, Tensor]:
         """Top-k anchors per level, decoded, clipped, NMS within each level, top-k overall."""
         boxes, logits, level_ids = [], [], []
-        for level, (level_logits, level_deltas, anchors, inside) in enumerate(levels):
-            scores = torch.where(inside, level_logits.detach(), float("-inf"))
+        for level, lv in enumerate(levels):
+            scores = torch.where(lv.inside, lv.logits.detach(), float("-inf"))
             k = torch.sym_min(self.pre_nms_top_n[self._mode()], scores.shape[1])
             top, idx = scores.topk(k, dim=1)
-            picked = level_deltas.detach().gather(1, idx[..., None].expand(-1, -1, 4))
-            boxes.append(box_coder.decode(picked, anchors[idx], RPN_BOX_WEIGHTS)[..., 0, :])
+            picked = lv.deltas.detach().gather(1, idx[..., None].expand(-1, -1, 4))
+            boxes.append(box_coder.decode(picked, lv.anchors[idx], RPN_BOX_WEIGHTS)[..., 0, :])
             logits.append(top)
             level_ids.append(torch.full_like(idx[0], level))
         boxes = box_coder.clip_to_size(torch.cat(boxes, 1), image_sizes)
@@ -94,32 +102,33 @@ class RegionProposalNetwork(nn.Module):
         level_ids = torch.cat(level_ids)
         prob = torch.sigmoid(logits)
         ok = torch.isfinite(logits) & box_coder.is_large_enough(boxes, MIN_PROPOSAL_SIZE) & (prob >= self.score_thresh)
-        # NMS within each level: one "class" per level.
+        # NMS within each level: one group per level, each candidate valid in its own level's group only.
         same_level = level_ids[None, None, :] == torch.arange(len(levels), device=logits.device)[None, :, None]
-        by_level = torch.where(ok[:, None, :] & same_level, prob[:, None, :], -1.0)
+        valid = ok[:, None, :] & same_level
+        by_level = prob[:, None, :].expand_as(valid)
         post_n = self.post_nms_top_n[self._mode()]
-        selected = multiclass_nms(boxes, by_level, post_n, self.nms_thresh, -0.5)
-        kept = keep_mask(selected, tuple(by_level.shape)).any(dim=1)
-        top, idx = torch.where(kept, prob, -1.0).topk(torch.sym_min(post_n, prob.shape[1]), dim=1)
-        return boxes.gather(1, idx[..., None].expand(-1, -1, 4)), top >= 0
+        _, index, real = nms_top_k(boxes, by_level, valid, self.nms_thresh, post_n, post_n, images=boxes.shape[0])
+        n = boxes.shape[1]
+        box_index = index - torch.div(index, n, rounding_mode="floor") * n  # (level, box) -> box
+        return boxes.gather(1, box_index[..., None].expand(-1, -1, 4)), real
 
-    def loss(
-        self, levels: list[tuple[Tensor, Tensor, Tensor, Tensor]], targets: list[dict[str, Tensor]]
-    ) -> dict[str, Tensor]:
+    def loss(self, levels: list[RPNLevel], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Objectness BCE and smooth-L1 box loss over 256 sampled anchors per image (half positive at most)."""
-        logits = torch.cat([lv[0] for lv in levels], 1)
-        deltas = torch.cat([lv[1] for lv in levels], 1)
-        anchors = torch.cat([lv[2] for lv in levels], 0)
-        inside = torch.cat([lv[3] for lv in levels], 1)
+        logits = torch.cat([lv.logits for lv in levels], 1)
+        deltas = torch.cat([lv.deltas for lv in levels], 1)
+        anchors = torch.cat([lv.anchors for lv in levels], 0)
+        inside = torch.cat([lv.inside for lv in levels], 1)
         gt_boxes, _, gt_valid = pad_targets(targets, logits.device)
         matches = match(pairwise_iou(anchors, gt_boxes), gt_valid, self.fg_iou_thresh, self.bg_iou_thresh, True)
-        labels = torch.where(matches >= 0, 1, torch.where(matches == -1, 0, -1))
+        # Matched anchors are positive, those below the low threshold negative, the rest ignored (-1).
+        labels = torch.where(matches >= 0, 1, torch.where(matches == BELOW_LOW_THRESHOLD, 0, -1))
         labels = torch.where(inside, labels, -1)
         positive, negative = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
         sampled = positive | negative
         num_sampled = sampled.sum().clamp(min=1)
         matched_gt = gt_boxes.gather(1, matches.clamp(min=0)[..., None].expand(-1, -1, 4))
         targets_reg = box_coder.encode(matched_gt[positive], anchors.expand_as(matched_gt)[positive], RPN_BOX_WEIGHTS)
-        box_loss = F.smooth_l1_loss(deltas[positive], targets_reg, beta=SMOOTH_L1_BETA, reduction="sum") / num_sampled
+        box_loss = F.smooth_l1_loss(deltas[positive], targets_reg, beta=box_coder.SMOOTH_L1_BETA, reduction="sum")
+        box_loss = box_loss / num_sampled
         objectness_loss = F.binary_cross_entropy_with_logits(logits[sampled], labels[sampled].to(logits.dtype))
         return {"loss_objectness": objectness_loss, "loss_rpn_box_reg": box_loss}

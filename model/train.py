@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from model.data.coco import Batch, CocoDataset, DetectionDataset, Source, collate
 from model.data.shapes import ShapesDataset
+from model.files import atomic_path
 
 
 @dataclass
@@ -164,39 +165,19 @@ def load_initial_weights(model: torch.nn.Module, path: str | os.PathLike) -> tup
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """torch.save through ``atomic_path``: readers see the old checkpoint or the new one, never half."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file via a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Point dst at src's content atomically (hard link, or a copy where links are not allowed)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
@@ -302,7 +283,8 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
     model, optimizer, scheduler = build(cfg, cfg.num_classes, device)
     step = _start_step(cfg, model, optimizer, scheduler, resume, device)
     loader = _loader(cfg, source, step, device)
-    write_text_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    with atomic_path(out_dir / "config.json") as tmp:
+        tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     def state() -> dict:
         return {

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from model.data.shapes import write_coco
-from model.evaluate import evaluate_checkpoint
+from evaluation.evaluate import evaluate_checkpoint
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo" / "model.onnx"
 VALIDATION_SEED = 1000  # never used in training (the demo model trains on seed 1)

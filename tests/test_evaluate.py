@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 
 from model.data.coco import CocoDataset
 from model.data.shapes import write_coco
-from model.evaluate import evaluate_predictions, format_table, predict_dataset
+from evaluation.evaluate import evaluate_predictions, format_table, predict_dataset
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ class _OraclePredictor:
     def __call__(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
         import cv2
 
-        from model.data.coco import resized_size
+        from contract import resized_size
 
         d, m = 10, 28
         b = len(images)
@@ -127,7 +127,7 @@ def test_cli_on_an_untrained_checkpoint(shapes_gt: Path, tmp_path: Path, capsys)
     torch = pytest.importorskip("torch")
     import dataclasses
 
-    from model.evaluate import main
+    from evaluation.evaluate import main
     from model.train import TrainConfig, atomic_save, build
 
     torch.set_num_threads(1)
@@ -185,6 +185,7 @@ def _constant_onnx(path: Path) -> None:
     inputs = [
         helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", 3, "H", "W"]),
         helper.make_tensor_value_info("image_sizes", TensorProto.INT64, ["B", 2]),
+        helper.make_tensor_value_info("score_threshold", TensorProto.FLOAT, ["T"]),
     ]
     outputs = [
         helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
@@ -206,7 +207,7 @@ def _constant_onnx(path: Path) -> None:
 
 
 def test_cli_on_an_onnx_file(shapes_gt: Path, tmp_path: Path) -> None:
-    from model.evaluate import main
+    from evaluation.evaluate import main
 
     path = tmp_path / "constant.onnx"
     _constant_onnx(path)
@@ -219,7 +220,7 @@ def test_cli_on_an_onnx_file(shapes_gt: Path, tmp_path: Path) -> None:
 
 
 def test_label_mapping(shapes_gt: Path) -> None:
-    from model.evaluate import label_to_category
+    from evaluation.evaluate import label_to_category
 
     gt = _gt(shapes_gt)  # circle 1, square 2, triangle 3, star 4
     assert label_to_category(["__background__", "star", "circle", "square", "triangle"], gt) == {
@@ -243,7 +244,7 @@ def test_label_mapping(shapes_gt: Path) -> None:
 def test_onnx_and_pytorch_paths_agree(shapes_gt: Path, tiny_checkpoint: Path, tiny_onnx_model: Path) -> None:
     """The exported graph through ONNX Runtime and its checkpoint through PyTorch give the same COCO results:
     evaluating either measures the same model."""
-    from model.evaluate import load_predictor
+    from evaluation.evaluate import load_predictor
 
     with contextlib.redirect_stdout(io.StringIO()):
         dataset = CocoDataset(shapes_gt)

@@ -12,7 +12,8 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from export.__main__ import main as export_main
-from export.exporter import OUTPUT_NAMES, box_error, compare, mask_iou, run_onnx, run_torch, sample_batch
+from contract import OUTPUT_NAMES
+from export.exporter import box_error, compare, mask_iou, run_onnx, run_torch, sample_batch
 from model.checkpoint import load_model
 from tests.conftest import SHAPE_CLASSES
 
@@ -24,8 +25,7 @@ def session(tiny_onnx_model):
 
 @pytest.fixture(scope="module")
 def torch_model(tiny_checkpoint):
-    model, _ = load_model(tiny_checkpoint)
-    return model
+    return load_model(tiny_checkpoint).model
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_padding_invariance(session):
 def test_outputs_follow_the_contract(session):
     images, sizes = sample_batch([(224, 288), (160, 192)], seed=5)
     out = run_onnx(session, images, sizes)
-    assert [o.name for o in session.get_outputs()] == OUTPUT_NAMES
+    assert [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES)
     assert out["boxes"].shape == (2, 100, 4) and out["boxes"].dtype == np.float32
     assert out["labels"].dtype == np.int64 and out["num_detections"].dtype == np.int64
     assert out["masks"].shape == (2, 100, 28, 28)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from contract import pad_batch
 from model import build_model
 from model.roi_heads import fastrcnn_loss, maskrcnn_loss
 
@@ -22,13 +23,8 @@ def _scene(h: int, w: int, seed: int):
 
 
 def _pad(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    h = max(i.shape[1] for i in images)
-    w = max(i.shape[2] for i in images)
-    h, w = h + (-h % 32), w + (-w % 32)
-    batch = torch.zeros(len(images), 3, h, w, dtype=torch.uint8)
-    for i, image in enumerate(images):
-        batch[i, :, : image.shape[1], : image.shape[2]] = image
-    return batch, torch.tensor([list(i.shape[1:]) for i in images])
+    batch, sizes = pad_batch([im.numpy() for im in images])
+    return torch.from_numpy(batch), torch.from_numpy(sizes)
 
 
 @pytest.mark.parametrize("size", [(160, 224), (150, 203)], ids=["unpadded-alone", "padded-alone"])

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 
+from model.backbone import POOLED_STRIDES
 from model.roi_align import MultiScaleRoIAlign, fpn_level_of_rois, roi_align
 
 
@@ -88,7 +89,7 @@ def test_multiscale_pooler_matches_torchvision():
     features = [torch.randn(2, 4, h, w) for h, w in sizes]
     boxes = torch.tensor([[0, 0, 20, 20], [5, 5, 200, 150], [10, 30, 380, 250], [1, 1, 60, 90]], dtype=torch.float32)
     batch = torch.tensor([0, 1, 1, 0])
-    ours = MultiScaleRoIAlign(7, 2, aligned=False)(features, boxes, batch)
+    ours = MultiScaleRoIAlign(7, POOLED_STRIDES, 2, aligned=False)(features, boxes, batch)
     ref_pooler = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
     ref = torch.zeros_like(ours)
     for b in range(2):
@@ -105,7 +106,7 @@ def test_multiscale_pooler_output_follows_input_order():
     xy = torch.rand(40, 2) * torch.tensor([300.0, 200.0])
     boxes = torch.cat([xy, xy + 8 + torch.rand(40, 2) * 150], 1)
     batch = torch.randint(0, 2, (40,))
-    pooler = MultiScaleRoIAlign(7, 2, aligned=True)
+    pooler = MultiScaleRoIAlign(7, POOLED_STRIDES, 2, aligned=True)
     pooled = pooler(features, boxes, batch)
     perm = torch.randperm(40)
     assert torch.equal(pooler(features, boxes[perm], batch[perm]), pooled[perm])

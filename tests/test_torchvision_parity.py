@@ -13,9 +13,9 @@ import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from benchmarks import calibrate_batch_norms
 from export.exporter import box_error, mask_iou, pair_detections
 from model import build_model
+from model.backbone import calibrate_batch_norms
 
 MIN_SIZE, MAX_SIZE = 320, 512
 SCORE_THRESH = 0.03  # calibrated random weights: tens of detections, none cut by the top-100 limit

@@ -9,6 +9,8 @@ turns annotations into the tensors CONTRACT.md specifies:
 - targets: per image `boxes` float32 [N, 4] xyxy in resized pixels, `labels` int64 [N] in 1..K,
   `masks` uint8 [N, h, w] at the image's resized size.
 
+Images are read with Pillow and resized with ``F.interpolate`` (bilinear, no antialiasing), as
+torchvision's loader and GeneralizedRCNNTransform do; the policy and the padding are the contract's.
 Crowd regions are dropped from training targets, as torchvision's and Detectron2's COCO loaders do
 (COCOeval still treats them as ignore regions at evaluation time).
 """
@@ -20,16 +22,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from pycocotools.coco import COCO
 
+from contract import pad_batch, resize_boxes, resized_size
 from model.data.sample import Sample
-from service.runtime import resized_size  # the served resize policy, one definition
-
-SIZE_DIVISIBILITY = 32
 
 
 class Source(Protocol):
@@ -89,15 +89,17 @@ class CocoDataset:
         JSON size and a mismatch would silently misalign them."""
         info = self.coco.imgs[image_id]
         path = self.images_dir / info["file_name"]
-        # Stored pixel order, as PIL (torchvision's loader) reads it: COCO sizes ignore EXIF orientation.
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        if bgr is None:
-            raise FileNotFoundError(f"cannot read image {path}")
-        if bgr.shape[:2] != (info["height"], info["width"]):
+        # Stored pixel order (no EXIF rotation), as torchvision's loader reads it: COCO sizes ignore EXIF.
+        try:
+            with Image.open(path) as im:
+                rgb = np.array(im.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(f"cannot read image {path} ({exc})") from None
+        if rgb.shape[:2] != (info["height"], info["width"]):
             raise ValueError(
-                f"{path}: size {bgr.shape[1]}x{bgr.shape[0]} differs from the JSON's {info['width']}x{info['height']}"
+                f"{path}: size {rgb.shape[1]}x{rgb.shape[0]} differs from the JSON's {info['width']}x{info['height']}"
             )
-        return np.ascontiguousarray(bgr[..., ::-1])
+        return np.ascontiguousarray(rgb)
 
     def load(self, index: int) -> Sample:
         """Image `index` (in sorted image-id order) with its non-crowd, non-degenerate instances."""
@@ -130,12 +132,14 @@ def hflip(sample: Sample) -> Sample:
     )
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of uint8 [H, W, 3] to (h, w), like the graph's expected input."""
-    h, w = size
-    if image.shape[:2] == (h, w):
-        return image
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [H, W, 3] -> uint8 CHW tensor of ``size`` (h, w): bilinear, half-pixel centres, no
+    antialiasing, rounded (torchvision's transform, and what the service's OpenCV resize computes)."""
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if tuple(chw.shape[1:]) == tuple(size):
+        return chw.contiguous()
+    out = F.interpolate(chw[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -165,11 +169,10 @@ def prepare(sample: Sample, min_size: int, max_size: int, flip: bool = False) ->
         sample = hflip(sample)
     h, w = sample.height, sample.width
     nh, nw = resized_size(h, w, min_size, max_size)
-    image = torch.from_numpy(resize_image(sample.image, (nh, nw))).permute(2, 0, 1).contiguous()
-    boxes = torch.from_numpy(sample.boxes.astype(np.float32)).reshape(-1, 4)
-    boxes = boxes * torch.tensor([nw / w, nh / h, nw / w, nh / h])
+    image = resize_image(sample.image, (nh, nw))
+    boxes = resize_boxes(sample.boxes.reshape(-1, 4), (h, w), (nh, nw))
     target = {
-        "boxes": boxes,
+        "boxes": torch.from_numpy(boxes),
         "labels": torch.from_numpy(sample.labels.astype(np.int64)),
         "masks": resize_masks(sample.masks.astype(np.uint8), (nh, nw)),
     }
@@ -222,22 +225,12 @@ class Batch(NamedTuple):
     orig_sizes: list[tuple[int, int]]
 
 
-def pad_images(images: Sequence[torch.Tensor], divisor: int = SIZE_DIVISIBILITY) -> torch.Tensor:
-    """Zero-pad CHW uint8 images right/bottom into one [B, 3, H, W] tensor, H and W multiples of divisor."""
-    h = max(int(im.shape[1]) for im in images)
-    w = max(int(im.shape[2]) for im in images)
-    h, w = -(-h // divisor) * divisor, -(-w // divisor) * divisor
-    batch = images[0].new_zeros((len(images), 3, h, w))
-    for b, im in enumerate(images):
-        batch[b, :, : im.shape[1], : im.shape[2]] = im
-    return batch
-
-
 def collate(items: Sequence[Item]) -> Batch:
     """Batch items of different sizes as CONTRACT.md specifies."""
+    images, sizes = pad_batch([it.image.numpy() for it in items])
     return Batch(
-        images=pad_images([it.image for it in items]),
-        image_sizes=torch.tensor([tuple(it.image.shape[1:]) for it in items], dtype=torch.int64),
+        images=torch.from_numpy(images),
+        image_sizes=torch.from_numpy(sizes),
         targets=[it.target for it in items],
         image_ids=[it.image_id for it in items],
         orig_sizes=[it.orig_size for it in items],

@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -243,9 +242,6 @@ class ShapesDataset:
         if not 0 <= index < self.num:
             raise IndexError(index)
         return generate(self.seed, index)
-
-    def __iter__(self) -> Iterator[Sample]:
-        return (self.load(i) for i in range(self.num))
 
 
 def encode_rle(mask: np.ndarray) -> dict:

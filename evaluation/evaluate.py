@@ -2,12 +2,13 @@
 
 The numbers users compare against papers and other tools come from COCOeval, so this module does not
 compute AP itself: it turns model outputs into COCO results (xywh boxes, RLE masks at the original image
-size) and hands them to COCOeval. The same path serves an exported ONNX file and a training checkpoint
-(PyTorch), since both take and return the tensors of CONTRACT.md; ONNX files go through the service's
-runtime wrapper and masks through the service's post-processing, so the figures are those of what is
-served.
+size) and hands them to COCOeval. An exported ONNX file and a training checkpoint (PyTorch) go through
+the same path, since both take and return the tensors of the graph contract: each image is resized by
+the service's own resize, batched by the contract's padding, and its masks are pasted and encoded by
+the service's post-processing, so the figures are those of what is served. That is why this package
+sits above both model/ and service/.
 
-CLI: ``python -m model.evaluate --checkpoint model.onnx|ckpt.pt --data DIR [--out results.json]``.
+CLI: ``python -m evaluation --checkpoint model.onnx|ckpt.pt --data DIR [--out results.json]``.
 """
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Iterable
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from contract import DEFAULT_SCORE_THRESHOLD, pad_batch
+from model.data.coco import CocoDataset
+from model.files import atomic_path
+from service.postprocess import encode_masks
+from service.runtime import OnnxModel, Prediction, Resized, resize_image, split_outputs
+
 METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
-EVAL_SCORE_THRESHOLD = 0.05  # the usual COCO-evaluation threshold: AP rewards low-score recall
-
-# (images uint8 [B, 3, H, W], image_sizes int64 [B, 2]) -> CONTRACT.md outputs as numpy arrays.
-Predictor = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
-
+# COCO evaluation keeps low-scoring detections (AP rewards recall): the graph's own default threshold.
+EVAL_SCORE_THRESHOLD = DEFAULT_SCORE_THRESHOLD
 
 def _results_coco(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
     """A COCO object of results for one IoU type.
@@ -109,37 +112,23 @@ def label_to_category(model_names: list[str], coco_gt: COCO) -> dict[int, int]:
     return {i + 1: c for i, c in enumerate(cat_ids)}
 
 
-def to_coco_results(
-    outputs: dict[str, np.ndarray],
-    b: int,
-    image_id: int,
-    orig_size: tuple[int, int],
-    resized: tuple[int, int],
-    cat_of_label: dict[int, int],
-) -> list[dict]:
-    """COCO results of image b of a batch: boxes mapped back to original pixels and masks pasted and
-    RLE-encoded there by the service's own post-processing, so AP measures what is served."""
-    from service.postprocess import encode_masks
-
-    n = int(outputs["num_detections"][b])
-    h, w = orig_size
-    sy, sx = resized[0] / h, resized[1] / w
-    boxes = outputs["boxes"][b, :n] / np.array([sx, sy, sx, sy], np.float32)
-    boxes = np.clip(boxes, 0, np.array([w, h, w, h], np.float32)).astype(np.float32)
-    rles = encode_masks(outputs["masks"][b, :n], boxes, (h, w), rle=True, polygons=False).rles or []
+def to_coco_results(pred: Prediction, image_id: int, cat_of_label: dict[int, int]) -> list[dict]:
+    """COCO results of one image's detections (boxes already in original pixels), masks pasted and
+    RLE-encoded at the original size by the service's own post-processing, so AP measures what is served."""
+    rles = encode_masks(pred.masks, pred.boxes, pred.image_size, rle=True, polygons=False).rles or []
     results = []
-    for k in range(n):
-        label = int(outputs["labels"][b, k])
+    for box, score, label, rle in zip(pred.boxes.tolist(), pred.scores.tolist(), pred.labels.tolist(), rles,
+                                      strict=True):
         if label not in cat_of_label:
             continue
-        x0, y0, x1, y1 = (float(v) for v in boxes[k])
+        x0, y0, x1, y1 = box
         results.append(
             {
                 "image_id": int(image_id),
                 "category_id": cat_of_label[label],
-                "score": float(outputs["scores"][b, k]),
+                "score": score,
                 "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "segmentation": rles[k],
+                "segmentation": rle,
             }
         )
     return results
@@ -151,8 +140,6 @@ class OnnxPredictor:
 
     def __init__(self, path: str | os.PathLike, score_threshold: float | None = EVAL_SCORE_THRESHOLD) -> None:
         import onnxruntime as ort
-
-        from service.runtime import OnnxModel
 
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -166,8 +153,8 @@ class OnnxPredictor:
 
 
 class TorchPredictor:
-    """A PyTorch checkpoint in eval mode: a model.train checkpoint, or torchvision's maskrcnn_resnet50_fpn state
-    dict (COCO class names, 800/1333 size policy), loaded by model.checkpoint like the exporter does."""
+    """A PyTorch checkpoint in eval mode (a model.train checkpoint, or torchvision's state dict), loaded by
+    model.checkpoint as the exporter loads it: its class names and size policy come with it."""
 
     def __init__(
         self, path: str | os.PathLike, device: str = "cpu", score_threshold: float | None = EVAL_SCORE_THRESHOLD
@@ -178,11 +165,10 @@ class TorchPredictor:
 
         self.torch = torch
         self.device = torch.device(device)
-        model, ckpt = load_model(path)
-        self.model = model.to(self.device).eval()
-        self.class_names: list[str] = list(ckpt.class_names or _torchvision_coco_names())
-        self.min_size = int(ckpt.config.get("min_size", 800))
-        self.max_size = int(ckpt.config.get("max_size", 1333))
+        loaded = load_model(path)
+        self.model = loaded.model.to(self.device)
+        self.class_names: list[str] = loaded.class_names
+        self.min_size, self.max_size = loaded.min_size, loaded.max_size
         self.score_threshold = score_threshold
 
     def __call__(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
@@ -199,13 +185,6 @@ class TorchPredictor:
         return {k: v.cpu().numpy() for k, v in out.items()}
 
 
-def _torchvision_coco_names() -> list[str]:
-    """torchvision's 91-entry COCO label names (index = label = COCO category id, "N/A" in the gaps)."""
-    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
-
-    return list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
-
-
 def load_predictor(
     checkpoint: str | os.PathLike, device: str = "cpu", score_threshold: float | None = EVAL_SCORE_THRESHOLD
 ) -> OnnxPredictor | TorchPredictor:
@@ -217,29 +196,29 @@ def load_predictor(
 
 def predict_dataset(
     predictor: OnnxPredictor | TorchPredictor,
-    dataset,
+    dataset: CocoDataset,
     batch_size: int = 1,
     limit: int | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Run the predictor over a CocoDataset at the predictor's size policy; COCO results for all images."""
-    from model.data.coco import DetectionDataset, collate
-
-    prepared = DetectionDataset(dataset, predictor.min_size, predictor.max_size, train=False)
+    """Run the predictor over a CocoDataset as the service would (its resize, the contract's padding, boxes
+    mapped back to original pixels); COCO results for all images."""
     cat_of_label = label_to_category(predictor.class_names, dataset.coco)
-    n = len(prepared) if limit is None else min(limit, len(prepared))
-    starts = range(0, n, batch_size)
+    ids = dataset.image_ids if limit is None else dataset.image_ids[:limit]
+    starts = range(0, len(ids), batch_size)
     if progress:
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="evaluate", unit="batch", file=sys.stderr)
     results: list[dict] = []
     for start in starts:
-        batch = collate([prepared[i] for i in range(start, min(start + batch_size, n))])
-        outputs = predictor(batch.images.numpy(), batch.image_sizes.numpy())
-        for b, (image_id, orig) in enumerate(zip(batch.image_ids, batch.orig_sizes, strict=True)):
-            resized = tuple(int(v) for v in batch.image_sizes[b])
-            results += to_coco_results(outputs, b, image_id, orig, resized, cat_of_label)
+        batch_ids = ids[start : start + batch_size]
+        items: list[Resized] = [
+            resize_image(dataset.read_image(i), predictor.min_size, predictor.max_size) for i in batch_ids
+        ]
+        images, sizes = pad_batch([r.chw for r in items])
+        for image_id, pred in zip(batch_ids, split_outputs(predictor(images, sizes), items), strict=True):
+            results += to_coco_results(pred, image_id, cat_of_label)
     return results
 
 
@@ -252,8 +231,6 @@ def evaluate_checkpoint(
     score_threshold: float | None = EVAL_SCORE_THRESHOLD,
 ) -> dict:
     """Evaluate an ONNX file or training checkpoint on a COCO folder; returns a JSON-ready report."""
-    from model.data.coco import CocoDataset
-
     with contextlib.redirect_stdout(io.StringIO()):
         dataset = CocoDataset(data)
     predictor = load_predictor(checkpoint, device, score_threshold)
@@ -312,11 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(format_table(report["metrics"]))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(_json_safe(report), indent=2))
-        os.replace(tmp, out)
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(_json_safe(report), indent=2))
 
 
 if __name__ == "__main__":

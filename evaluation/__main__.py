@@ -1,0 +1,6 @@
+"""``python -m evaluation --checkpoint model.onnx|ckpt.pt --data DIR [--out results.json]``."""
+
+from evaluation.evaluate import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The graph contract (contract.py): resize policy, padding and box rescaling against torchvision, and
+the metadata a file must carry, written and read back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.detection import transform
+
+from contract import GraphMetadata, MetadataError, pad_batch, padded_size, resize_boxes, resized_size
+
+
+@pytest.mark.parametrize("size", [(480, 640), (640, 480), (800, 1333), (333, 2000), (1000, 1000), (50, 71), (7, 3000)])
+def test_resize_policy_is_torchvisions(size: tuple[int, int]) -> None:
+    h, w = size
+    resized, _ = transform._resize_image_and_masks(torch.zeros(3, h, w), 800.0, 1333.0, None)
+    assert resized_size(h, w, 800, 1333) == tuple(resized.shape[-2:])
+
+
+def test_boxes_rescale_as_torchvision_both_ways() -> None:
+    boxes = np.random.default_rng(0).uniform(0, 400, (20, 4)).astype(np.float32)
+    original, resized = (375, 500), (800, 1066)
+    for src, dst in ((original, resized), (resized, original)):
+        ours = resize_boxes(boxes, src, dst)
+        ref = transform.resize_boxes(torch.from_numpy(boxes), list(src), list(dst)).numpy()
+        assert np.array_equal(ours, ref)
+
+
+def test_batch_padding() -> None:
+    images = [np.full((3, 50, 70), 7, np.uint8), np.full((3, 64, 33), 9, np.uint8)]
+    batch, sizes = pad_batch(images)
+    assert batch.shape == (2, 3, 64, 96) and padded_size(50, 70) == (64, 96)
+    assert sizes.tolist() == [[50, 70], [64, 33]] and sizes.dtype == np.int64
+    assert (batch[0, :, :50, :70] == 7).all() and batch[0, :, 50:].sum() == 0 and batch[0, :, :, 70:].sum() == 0
+    assert (batch[1, :, :, :33] == 9).all() and batch[1, :, :, 33:].sum() == 0
+
+
+def _metadata() -> GraphMetadata:
+    return GraphMetadata("m", "3", "r18_fpn", ["__background__", "a", "b"], mask_size=28, detections_per_image=50)
+
+
+def test_metadata_round_trip() -> None:
+    props = _metadata().to_props()
+    assert all(isinstance(v, str) for v in props.values()) and props["format_version"] == "1"
+    assert GraphMetadata.from_props(props, "file-stem") == _metadata()
+
+
+def test_missing_optional_metadata_takes_the_defaults() -> None:
+    props = {k: v for k, v in _metadata().to_props().items() if k in ("format_version", "class_names", "mask_size",
+                                                                       "min_size", "max_size")}
+    meta = GraphMetadata.from_props(props, "file-stem")
+    assert (meta.model_name, meta.model_version, meta.detections_per_image, meta.score_threshold) == (
+        "file-stem", "0", 100, 0.05)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"format_version": "2"}, "format_version"),
+        ({"class_names": "not json"}, "bad metadata"),
+        ({"class_names": '["only-background"]'}, "bad metadata"),
+        ({"mask_size": "x"}, "bad metadata"),
+        ({"min_size": None}, "lacks min_size"),
+    ],
+)
+def test_metadata_problems_are_one_clear_error(change: dict, fragment: str) -> None:
+    props = {**_metadata().to_props(), **change}
+    props = {k: v for k, v in props.items() if v is not None}
+    with pytest.raises(MetadataError, match=fragment):
+        GraphMetadata.from_props(props, "m")
