@@ -108,10 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(**overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = load_app_or_exit(settings)
-    state = app.state.segmenter.state
+    pipeline = app.state.pipeline
 
     def on_drain() -> None:
-        state.draining = True
+        pipeline.drain()
         logging.getLogger("service").info("SIGTERM: draining (readiness off)")
 
     config = uvicorn.Config(

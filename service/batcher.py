@@ -4,8 +4,8 @@
 awaited result -> the slot is released; ``stop()`` drains what was admitted. One collector task forms
 batches: it takes the first waiting job, then waits at most ``max_wait_s`` for company, but only while
 admitted requests are still on their way (decoding), so a lone request never pays the wait. The batch runs in
-a single inference thread (one ORT call); each job's future gets exactly its own result, by position.
-A job whose caller gave up (deadline, disconnect) is cancelled and dropped before it runs.
+a single inference thread (one ORT call); each job's future gets exactly its own result, or its own error,
+by position. A job whose caller gave up (deadline, disconnect) is cancelled and dropped before it runs.
 """
 
 from __future__ import annotations
@@ -72,11 +72,12 @@ class Slot(Generic[P, R]):
 
 
 class DynamicBatcher(Generic[P, R]):
-    """Groups concurrent jobs into batches for ``run_batch(list[P]) -> list[R]`` (same order, same length)."""
+    """Groups concurrent jobs into batches for ``run_batch(list[P]) -> list[R | Exception]``: same order,
+    same length, an exception in a job's place being that job's error alone."""
 
     def __init__(
         self,
-        run_batch: Callable[[list[P]], list[R]],
+        run_batch: Callable[[list[P]], list[R | Exception]],
         max_batch_size: int = 8,
         max_wait_s: float = 0.005,
         capacity: int = 64,
@@ -94,8 +95,7 @@ class DynamicBatcher(Generic[P, R]):
         self._executor: ThreadPoolExecutor | None = None
         self.admitted = 0  # requests holding a slot: decoding, queued, running or post-processing
         self.arriving = 0  # admitted requests not yet submitted (their company is worth waiting for)
-        self.batches = 0
-        self.draining = False
+        self.closed = False  # stopping: admits no one
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -106,7 +106,7 @@ class DynamicBatcher(Generic[P, R]):
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, let admitted ones finish (up to ``timeout_s``), then stop the thread."""
-        self.draining = True
+        self.closed = True
         end = time.monotonic() + timeout_s
         while self.admitted > 0 and time.monotonic() < end:
             await asyncio.sleep(0.01)
@@ -121,7 +121,7 @@ class DynamicBatcher(Generic[P, R]):
     @contextlib.contextmanager
     def admit(self) -> Iterator[Slot[P, R]]:
         """Hold one of ``capacity`` slots for the whole request; refuse at once when none is free."""
-        if self.draining:
+        if self.closed:
             raise Draining("the server is shutting down")
         if self.admitted >= self.capacity:
             raise QueueFull(f"{self.admitted} requests in progress (capacity {self.capacity})")
@@ -183,16 +183,19 @@ class DynamicBatcher(Generic[P, R]):
                 results = await loop.run_in_executor(self._executor, self._run_batch, payloads)
                 if len(results) != len(batch):
                     raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} jobs")
-            except Exception as exc:  # the whole batch failed: every caller learns why
+            except Exception as exc:  # run_batch itself failed: every caller learns why
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
             run_s = time.perf_counter() - start
-            self.batches += 1
             for job, result in zip(batch, results, strict=True):
                 job.run_s, job.batch_size = run_s, len(batch)
-                if not job.future.done():
+                if job.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    job.future.set_exception(result)
+                else:
                     job.future.set_result(result)
             if self._on_batch is not None:
                 self._on_batch(BatchStats(len(batch), run_s, [j.queue_s for j in batch]))

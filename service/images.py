@@ -12,6 +12,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from service.errors import ApiError
+
 # Pillow format names we accept (MPO is a multi-picture JPEG, as phone cameras write).
 SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "TIFF"}
 SUPPORTED_TYPES = {
@@ -28,12 +30,8 @@ SUPPORTED_TYPES = {
 }
 
 
-class ImageError(Exception):
-    """A request image problem; ``status`` is the HTTP code (400, 413, 415) and ``code`` a short slug."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+class ImageError(ApiError):
+    """A request image problem: 400 undecodable or empty, 413 too many pixels, 415 unsupported type."""
 
 
 def check_content_type(content_type: str | None) -> None:

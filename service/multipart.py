@@ -20,7 +20,6 @@ class MultipartError(ValueError):
 
 @dataclass
 class FilePart:
-    filename: str
     content_type: str | None
     data: bytes
 
@@ -84,8 +83,7 @@ def _collect(parts: list[_Part]) -> Form:
         if b"filename" in disp:
             if name not in form.files:
                 ctype = part.headers.get(b"content-type")
-                form.files[name] = FilePart(disp[b"filename"].decode("utf-8", "replace"),
-                                            ctype.decode("latin-1") if ctype else None, data)
+                form.files[name] = FilePart(ctype.decode("latin-1") if ctype else None, data)
         elif name:
             if len(data) > MAX_FIELD_BYTES:
                 raise MultipartError(f"form field {name!r} is too long")

@@ -1,12 +1,8 @@
-"""Pydantic models of the HTTP API: responses (in the OpenAPI schema) and the /segment options."""
+"""Pydantic models of the HTTP API's responses, for the OpenAPI schema (the options: service/options.py)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, Field
-
-Format = Literal["rle", "polygons"]
 
 
 class ImageInfo(BaseModel):
@@ -64,15 +60,6 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
-
-
-class SegmentOptions(BaseModel):
-    """Options of one request (query parameters, or form fields with multipart)."""
-
-    score_threshold: float = Field(ge=0.0, le=1.0)
-    max_detections: int | None = Field(None, ge=1)
-    classes: list[str] | None = None
-    formats: set[Format] = Field(default_factory=lambda: {"rle", "polygons"}, min_length=1)
 
 
 class ModelResponse(BaseModel):

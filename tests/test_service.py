@@ -193,7 +193,7 @@ def server(tiny_model: Path) -> Iterator[ServerThread]:
     )
     app = create_app(settings)
     with ServerThread(app) as srv:
-        srv.segmenter = app.state.segmenter
+        srv.pipeline = app.state.pipeline
         yield srv
 
 
@@ -219,7 +219,7 @@ def test_health_model_and_openapi(client: Any, model: OnnxModel) -> None:
     assert client.get("/readyz").json() == {"status": "ready"}
     info = client.get("/v1/model").json()
     assert info["classes"] == model.class_names[1:]
-    assert info["name"] == model.metadata.name and info["min_size"] == model.metadata.min_size
+    assert info["name"] == model.metadata.model_name and info["min_size"] == model.metadata.min_size
     spec = client.get("/openapi.json").json()
     assert "/segment" in spec["paths"] and "SegmentResponse" in spec["components"]["schemas"]
 
@@ -230,7 +230,7 @@ def test_masks_match_torchvision_paste(client: Any, model: OnnxModel) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["image"] == {"width": 200, "height": 150}
-    assert body["model"]["name"] == model.metadata.name
+    assert body["model"]["name"] == model.metadata.model_name
     assert set(body["timings"]) == {"decode_ms", "queue_ms", "inference_ms", "postprocess_ms", "total_ms"}
     dets = body["detections"]
     assert dets, "the tiny model gave no detection at the test threshold"
@@ -357,7 +357,7 @@ def test_errors_then_success(client: Any, kwargs: dict, status: int, code: str) 
 
 
 def test_full_queue_is_503_at_once(server: ServerThread, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    seg = server.segmenter
+    seg = server.pipeline
     gate, real = threading.Event(), seg.batcher._run_batch
 
     def gated(payloads: list) -> list:
@@ -388,7 +388,7 @@ def test_full_queue_is_503_at_once(server: ServerThread, client: Any, monkeypatc
 def test_deadline_is_504_and_the_work_dropped(
     server: ServerThread, client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seg = server.segmenter
+    seg = server.pipeline
     gate, entered, real = threading.Event(), threading.Event(), seg.batcher._run_batch
     ran: list[int] = []
 
@@ -449,7 +449,8 @@ def test_metrics_count_requests(client: Any) -> None:
 
 def test_decoder_and_runtime_agree_with_the_server_input(model: OnnxModel) -> None:
     """The reference path of these tests decodes exactly like the server."""
-    assert model.has_score_input  # CONTRACT.md: the threshold reaches the graph, before the mask head
+    # CONTRACT.md: the threshold reaches the graph, before the mask head.
+    assert "score_threshold" in {i.name for i in model.session.get_overridable_initializers()}
     img = scene(7)
     assert np.array_equal(decode_image(encode(img), MAX_PIXELS), img)
     preds = model.predict([img, scene(8, (200, 100))], FEW)

@@ -1,0 +1,99 @@
+"""The options of a segmentation request, declared once.
+
+``SegmentOptions`` is what a client may send: FastAPI reads it from the query string, the multipart
+form fields are validated by the same model (they win over the query), and the OpenAPI schema of
+both comes from it. ``resolve`` then fills in the server's defaults and checks the options against
+the model being served, giving the ``Resolved`` options the pipeline works with.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from starlette.datastructures import MultiDict
+
+from contract import GraphMetadata
+from service.errors import ApiError
+
+Format = Literal["rle", "polygons"]
+FORMATS: tuple[Format, ...] = typing.get_args(Format)
+
+
+class SegmentOptions(BaseModel):
+    """Options of one request; every field may be left out."""
+
+    score_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="Drop detections scoring at or below it (default: the server's)"
+    )
+    max_detections: int | None = Field(
+        None, ge=1, description="Keep at most this many, best first (at most the model's detections_per_image)"
+    )
+    classes: list[str] | None = Field(None, description="Class names to keep, comma-separated or repeated")
+    formats: list[Format] | None = Field(
+        None, min_length=1, description="Mask encodings: rle, polygons, or both (the default)"
+    )
+
+    @field_validator("classes", "formats", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        """``classes=a,b`` and ``classes=a&classes=b`` mean the same."""
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            return [part.strip() for item in items for part in item.split(",") if part.strip()]
+        return value
+
+    @classmethod
+    def validated(cls, values: dict[str, object]) -> SegmentOptions:
+        """Validate ``values``; the first problem is a 422 naming the option."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ApiError(422, "invalid_option", f"{where}: {first['msg']}") from None
+
+    def with_form(self, fields: MultiDict) -> SegmentOptions:
+        """These options overridden by the multipart form's fields of the same names."""
+        given: dict[str, object] = {}
+        for name, info in type(self).model_fields.items():
+            if name in fields:
+                is_list = list in (typing.get_origin(a) for a in typing.get_args(info.annotation))
+                given[name] = fields.getlist(name) if is_list else fields[name]
+        return self.validated({**self.model_dump(exclude_unset=True), **given})
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Options with the server's defaults filled in and the class names turned into labels."""
+
+    score_threshold: float
+    max_detections: int | None
+    labels: np.ndarray | None  # int64 labels to keep, or None for all
+    rle: bool
+    polygons: bool
+
+
+def resolve(options: SegmentOptions, default_threshold: float, info: GraphMetadata) -> Resolved:
+    """Defaults and the checks that need the model: 422 on a limit above the model's or an unknown class."""
+    limit = info.detections_per_image
+    if options.max_detections is not None and options.max_detections > limit:
+        raise ApiError(422, "invalid_option", f"max_detections: at most {limit} for this model")
+    labels = None
+    if options.classes is not None:
+        known = info.class_names[1:]
+        unknown = sorted(set(options.classes) - set(known))
+        if unknown:
+            raise ApiError(422, "invalid_option", f"classes: unknown {unknown}; see GET /v1/model")
+        labels = np.array([info.class_names.index(c) for c in options.classes], dtype=np.int64)
+    formats = set(options.formats or FORMATS)
+    return Resolved(
+        score_threshold=default_threshold if options.score_threshold is None else options.score_threshold,
+        max_detections=options.max_detections,
+        labels=labels,
+        rle="rle" in formats,
+        polygons="polygons" in formats,
+    )
