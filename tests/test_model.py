@@ -6,29 +6,7 @@ import torch.nn.functional as F
 
 from model import build_model
 from model.roi_heads import fastrcnn_loss, maskrcnn_loss
-
-
-def _scene(h: int, w: int, seed: int):
-    """An image with two bright rectangles and its targets."""
-    g = torch.Generator().manual_seed(seed)
-    image = torch.randint(0, 60, (3, h, w), generator=g, dtype=torch.uint8)
-    masks = torch.zeros(2, h, w, dtype=torch.uint8)
-    masks[0, 20:80, 30:100] = 1
-    masks[1, 100:150, 120:180] = 1
-    image[:, 20:80, 30:100] = 220
-    image[0, 100:150, 120:180] = 250
-    boxes = torch.tensor([[30.0, 20, 100, 80], [120, 100, 180, 150]])
-    return image, {"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks}
-
-
-def _pad(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    h = max(i.shape[1] for i in images)
-    w = max(i.shape[2] for i in images)
-    h, w = h + (-h % 32), w + (-w % 32)
-    batch = torch.zeros(len(images), 3, h, w, dtype=torch.uint8)
-    for i, image in enumerate(images):
-        batch[i, :, : image.shape[1], : image.shape[2]] = image
-    return batch, torch.tensor([list(i.shape[1:]) for i in images])
+from tests.helpers import pad_batch, scene, training_batch
 
 
 @pytest.mark.parametrize("size", [(160, 224), (150, 203)], ids=["unpadded-alone", "padded-alone"])
@@ -40,8 +18,8 @@ def test_padding_does_not_change_detections(size):
     small = torch.randint(0, 256, (3, *size), dtype=torch.uint8)
     large = torch.randint(0, 256, (3, 288, 352), dtype=torch.uint8)
     with torch.no_grad():
-        alone = model(*_pad([small]))
-        together = model(*_pad([large, small]))
+        alone = model(*pad_batch([small]))
+        together = model(*pad_batch([large, small]))
     n = int(alone["num_detections"][0])
     assert n > 0 and int(together["num_detections"][1]) == n
     assert (alone["boxes"][0, :n] - together["boxes"][1, :n]).abs().max() <= 1e-3
@@ -53,7 +31,7 @@ def test_padding_does_not_change_detections(size):
 def test_outputs_are_fixed_size_and_zero_past_num_detections():
     torch.manual_seed(0)
     model = build_model("r18_fpn", 5, score_thresh=0.2, detections_per_img=50).eval()
-    images, sizes = _pad([torch.randint(0, 256, (3, 128, 160), dtype=torch.uint8)] * 2)
+    images, sizes = pad_batch([torch.randint(0, 256, (3, 128, 160), dtype=torch.uint8)] * 2)
     with torch.no_grad():
         out = model(images, sizes, score_threshold=torch.tensor([0.2, 0.3]))
     assert out["boxes"].shape == (2, 50, 4) and out["masks"].shape == (2, 50, 28, 28)
@@ -98,9 +76,7 @@ def test_fastrcnn_loss_seeded_regression():
 def test_short_training_lowers_the_loss():
     torch.manual_seed(0)
     model = build_model("r18_fpn", 3, norm="bn").train()
-    scenes = [_scene(160, 224, 0), _scene(192, 192, 1)]
-    images, sizes = _pad([s[0] for s in scenes])
-    targets = [s[1] for s in scenes]
+    images, sizes, targets = training_batch([scene(0, (160, 224)), scene(1, (192, 192))])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     totals = []
     for step in range(24):
