@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from model.data.shapes import write_coco
 from evaluation.evaluate import evaluate_checkpoint
+from model.data.shapes import write_coco
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo" / "model.onnx"
 VALIDATION_SEED = 1000  # never used in training (the demo model trains on seed 1)

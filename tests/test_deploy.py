@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -107,12 +108,6 @@ def _replica_env() -> dict[str, str]:
     return {**_clean_env(), "MRCNN_INTRA_OP_THREADS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _client(timeout: float = REQUEST_TIMEOUT_S) -> httpx.Client:
     return httpx.Client(timeout=timeout, trust_env=False)
 
@@ -154,7 +149,7 @@ class Replica:
     """One service process on 127.0.0.1."""
 
     def __init__(self, model: Path, workdir: Path, name: str):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"{name}.log"
         self._log_fh = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
@@ -247,7 +242,7 @@ class Nginx:
     def __init__(self, upstream_ports: list[int]):
         assert NGINX is not None
         self.prefix = _world_readable_tmpdir("mrcnn-nginx-")
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         conf = self.prefix / "nginx.conf"
         conf.write_text(rewrite_nginx_conf(NGINX_CONF.read_text(), upstream_ports, self.port, self.prefix))
@@ -283,7 +278,7 @@ class Nginx:
 class Prometheus:
     def __init__(self, replica_ports: list[int], workdir: Path):
         assert PROMETHEUS is not None
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = workdir / "prometheus.yml"
         config.write_text(rewrite_prometheus_yml(PROMETHEUS_YML.read_text(), replica_ports, self.port))

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
+from evaluation.evaluate import evaluate_predictions, format_table, predict_dataset
 from model.data.coco import CocoDataset
 from model.data.shapes import write_coco
-from evaluation.evaluate import evaluate_predictions, format_table, predict_dataset
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import torch
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from export.__main__ import main as export_main
 from contract import OUTPUT_NAMES
+from export.__main__ import main as export_main
 from export.exporter import box_error, compare, mask_iou, run_onnx, run_torch, sample_batch
 from model.checkpoint import load_model
 from tests.conftest import SHAPE_CLASSES

@@ -1,30 +1,10 @@
-"""Model components: padding invariance, the losses (seeded regression), and a short training run."""
+"""The whole model: padding invariance, fixed-size outputs, and a short training run."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from contract import pad_batch
 from model import build_model
-from model.roi_heads import fastrcnn_loss, maskrcnn_loss
-
-
-def _scene(h: int, w: int, seed: int):
-    """An image with two bright rectangles and its targets."""
-    g = torch.Generator().manual_seed(seed)
-    image = torch.randint(0, 60, (3, h, w), generator=g, dtype=torch.uint8)
-    masks = torch.zeros(2, h, w, dtype=torch.uint8)
-    masks[0, 20:80, 30:100] = 1
-    masks[1, 100:150, 120:180] = 1
-    image[:, 20:80, 30:100] = 220
-    image[0, 100:150, 120:180] = 250
-    boxes = torch.tensor([[30.0, 20, 100, 80], [120, 100, 180, 150]])
-    return image, {"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks}
-
-
-def _pad(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, sizes = pad_batch([im.numpy() for im in images])
-    return torch.from_numpy(batch), torch.from_numpy(sizes)
+from tests.helpers import model_inputs, scene, training_batch
 
 
 @pytest.mark.parametrize("size", [(160, 224), (150, 203)], ids=["unpadded-alone", "padded-alone"])
@@ -36,8 +16,8 @@ def test_padding_does_not_change_detections(size):
     small = torch.randint(0, 256, (3, *size), dtype=torch.uint8)
     large = torch.randint(0, 256, (3, 288, 352), dtype=torch.uint8)
     with torch.no_grad():
-        alone = model(*_pad([small]))
-        together = model(*_pad([large, small]))
+        alone = model(*model_inputs([small]))
+        together = model(*model_inputs([large, small]))
     n = int(alone["num_detections"][0])
     assert n > 0 and int(together["num_detections"][1]) == n
     assert (alone["boxes"][0, :n] - together["boxes"][1, :n]).abs().max() <= 1e-3
@@ -49,7 +29,7 @@ def test_padding_does_not_change_detections(size):
 def test_outputs_are_fixed_size_and_zero_past_num_detections():
     torch.manual_seed(0)
     model = build_model("r18_fpn", 5, score_thresh=0.2, detections_per_img=50).eval()
-    images, sizes = _pad([torch.randint(0, 256, (3, 128, 160), dtype=torch.uint8)] * 2)
+    images, sizes = model_inputs([torch.randint(0, 256, (3, 128, 160), dtype=torch.uint8)] * 2)
     with torch.no_grad():
         out = model(images, sizes, score_threshold=torch.tensor([0.2, 0.3]))
     assert out["boxes"].shape == (2, 50, 4) and out["masks"].shape == (2, 50, 28, 28)
@@ -62,41 +42,10 @@ def test_outputs_are_fixed_size_and_zero_past_num_detections():
     assert out["num_detections"][1] <= out["num_detections"][0]
 
 
-def test_mask_loss_uses_only_the_ground_truth_class():
-    torch.manual_seed(0)
-    logits = torch.randn(4, 3, 28, 28, requires_grad=True)
-    labels = torch.tensor([1, 2, 2, 1])
-    targets = (torch.rand(4, 28, 28) > 0.5).float()
-    loss = maskrcnn_loss(logits, labels, targets)
-    expected = F.binary_cross_entropy_with_logits(logits[torch.arange(4), labels], targets)
-    assert torch.allclose(loss, expected)
-    loss.backward()
-    other = torch.ones(4, 3, dtype=torch.bool)
-    other[torch.arange(4), labels] = False
-    assert (logits.grad[other] == 0).all()
-
-
-def test_fastrcnn_loss_seeded_regression():
-    torch.manual_seed(0)
-    class_logits = torch.randn(6, 3)
-    box_regression = torch.randn(6, 12)
-    labels = torch.tensor([0, 1, 2, 0, 2, 0])
-    targets = torch.randn(6, 4)
-    losses = fastrcnn_loss(class_logits, box_regression, labels, targets)
-    ce = F.cross_entropy(class_logits, labels)
-    pos = torch.tensor([1, 2, 4])
-    per_class = box_regression.view(6, 3, 4)[pos, labels[pos]]
-    box = F.smooth_l1_loss(per_class, targets[pos], beta=1 / 9, reduction="sum") / 6
-    assert torch.allclose(losses["loss_classifier"], ce)
-    assert torch.allclose(losses["loss_box_reg"], box)
-
-
 def test_short_training_lowers_the_loss():
     torch.manual_seed(0)
     model = build_model("r18_fpn", 3, norm="bn").train()
-    scenes = [_scene(160, 224, 0), _scene(192, 192, 1)]
-    images, sizes = _pad([s[0] for s in scenes])
-    targets = [s[1] for s in scenes]
+    images, sizes, targets = training_batch([scene(0, (160, 224)), scene(1, (192, 192))])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     totals = []
     for step in range(24):

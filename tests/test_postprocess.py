@@ -8,6 +8,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from service.postprocess import encode_masks, paste_local, rle_counts, rle_runs, rle_strings
+from tests.helpers import fill_holes, iou
 
 torch = pytest.importorskip("torch")
 roi_heads = pytest.importorskip("torchvision.models.detection.roi_heads")
@@ -35,11 +36,6 @@ def _torchvision_masks(masks: np.ndarray, boxes: np.ndarray, size: tuple[int, in
     return (pasted[:, 0].numpy() > 0.5).astype(np.uint8)
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
 @pytest.mark.parametrize("size", [(480, 640), (333, 200), (57, 1000)])
 def test_rle_matches_torchvision_paste_and_pycocotools(size: tuple[int, int]) -> None:
     rng = np.random.default_rng(sum(size))
@@ -54,7 +50,7 @@ def test_rle_matches_torchvision_paste_and_pycocotools(size: tuple[int, int]) ->
     for i, rle in enumerate(enc.rles):
         decoded = mask_utils.decode(rle)
         assert decoded.shape == size
-        assert _iou(decoded, ref[i]) >= 0.95
+        assert iou(decoded, ref[i]) >= 0.95
         assert enc.areas[i] == decoded.sum() == int(mask_utils.area(rle))
         identical += rle["counts"] == ref_rles[i]["counts"].decode()
     # Same maths as torchvision: beyond IoU, nearly every string is byte-identical to pycocotools'.
@@ -105,17 +101,10 @@ def test_polygons_cover_rle_mask() -> None:
         for poly in polys:
             pts = np.floor(np.asarray(poly).reshape(-1, 2)).astype(np.int32)  # undo the +0.5
             cv2.fillPoly(raster, [pts], 1)
-        assert _iou(raster, decoded) >= 0.9
+        assert iou(raster, decoded) >= 0.9
         if decoded.sum() >= 2000:  # COCO's rasterizer reads them too (it shaves edges of small ones)
             coco = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, *size)))
-            assert _iou(coco, decoded) >= 0.9
-
-
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """The mask plus every background pixel the image border cannot reach (flood fill)."""
-    reach = np.ascontiguousarray(np.pad(mask.astype(np.uint8), 1))
-    cv2.floodFill(reach, np.zeros((reach.shape[0] + 2, reach.shape[1] + 2), np.uint8), (0, 0), 2)
-    return (reach != 2)[1:-1, 1:-1].astype(np.uint8)
+            assert iou(coco, decoded) >= 0.9
 
 
 def test_polygons_trace_every_part_exactly() -> None:
@@ -132,7 +121,7 @@ def test_polygons_trace_every_part_exactly() -> None:
         for poly in polys:
             assert len(poly) >= 6 and len(poly) % 2 == 0
             cv2.fillPoly(raster, [np.floor(np.asarray(poly).reshape(-1, 2)).astype(np.int32)], 1)
-        assert np.array_equal(raster, _fill_holes(decoded))
+        assert np.array_equal(raster, fill_holes(decoded))
 
 
 def test_work_stays_box_local() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from service.app import create_app
 from service.images import decode_image
 from service.runtime import OnnxModel, Prediction
 from service.settings import Settings
+from tests.helpers import fill_holes, free_port, iou, scene
 
 httpx = pytest.importorskip("httpx")
 
@@ -41,40 +41,10 @@ MAX_PIXELS = 4_000_000
 # ---- helpers ---------------------------------------------------------------------------------------
 
 
-def scene(seed: int, size: tuple[int, int] = (120, 160)) -> np.ndarray:
-    """A distinct synthetic RGB image: coloured background and a few filled shapes."""
-    rng = np.random.default_rng(seed)
-    h, w = size
-    img = np.empty((h, w, 3), np.uint8)
-    img[:] = rng.integers(0, 255, 3)
-    for _ in range(4):
-        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
-        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
-        r = int(rng.integers(8, max(h, w) // 3))
-        if rng.random() < 0.5:
-            cv2.circle(img, (x, y), r, colour, -1)
-        else:
-            cv2.rectangle(img, (x - r, y - r // 2), (x + r, y + r // 2), colour, -1)
-    return img
-
-
 def encode(img: np.ndarray, fmt: str = "PNG", **kw: Any) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format=fmt, **kw)
     return buf.getvalue()
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """The mask plus every background pixel that the image border cannot reach (flood fill)."""
-    padded = np.pad(mask.astype(np.uint8), 1)
-    reach = padded.copy()
-    cv2.floodFill(reach, np.zeros((reach.shape[0] + 2, reach.shape[1] + 2), np.uint8), (0, 0), 2)
-    return ((reach != 2) | (padded == 1))[1:-1, 1:-1].astype(np.uint8)
 
 
 def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -145,9 +115,7 @@ class ServerThread:
     """uvicorn running the app in a background thread, on a free loopback port."""
 
     def __init__(self, app: Any) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                                     lifespan="on"))
@@ -206,7 +174,7 @@ def client(server: ServerThread) -> Iterator[Any]:
 def ok(client: Any) -> None:
     """A good request succeeds and the server is still ready."""
     r = client.post("/segment", params={"score_threshold": NONE},
-                    files={"image": ("ok.png", encode(scene(99)), "image/png")})
+                    files={"image": ("ok.png", encode(scene(99).image), "image/png")})
     assert r.status_code == 200, r.text
     assert client.get("/readyz").status_code == 200
 
@@ -225,7 +193,7 @@ def test_health_model_and_openapi(client: Any, model: OnnxModel) -> None:
 
 
 def test_masks_match_torchvision_paste(client: Any, model: OnnxModel) -> None:
-    img = scene(1, (150, 200))
+    img = scene(1, (150, 200)).image
     r = client.post("/segment", files={"image": ("a.png", encode(img), "image/png")})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -262,7 +230,7 @@ def test_concurrent_requests_are_batched_and_answered_each_alone(
     server: ServerThread, client: Any, model: OnnxModel
 ) -> None:
     sizes = [(100 + 8 * i, 140 + 5 * (i % 5)) for i in range(16)]  # distinct sizes: padding matters
-    images = [scene(100 + i, s) for i, s in enumerate(sizes)]
+    images = [scene(100 + i, s).image for i, s in enumerate(sizes)]
     before = metric_values(client.get("/metrics").text)
     barrier = threading.Barrier(16)
 
@@ -289,7 +257,7 @@ def test_concurrent_requests_are_batched_and_answered_each_alone(
 
 
 def test_options(client: Any, model: OnnxModel) -> None:
-    img = encode(scene(2))
+    img = encode(scene(2).image)
     full = client.post("/segment", files={"image": ("a.png", img, "image/png")}).json()["detections"]
     assert len(full) >= 2
     rle_only = client.post("/segment?formats=rle&max_detections=2", content=img,
@@ -305,7 +273,7 @@ def test_options(client: Any, model: OnnxModel) -> None:
 
 
 def test_image_variants(client: Any) -> None:
-    img = scene(3, (90, 130))
+    img = scene(3, (90, 130)).image
     exif = Image.Exif()
     exif[0x0112] = 6
     rotated = client.post("/segment", params={"score_threshold": NONE},
@@ -347,9 +315,9 @@ def test_errors_then_success(client: Any, kwargs: dict, status: int, code: str) 
     if kwargs.get("content") == "bomb":
         kwargs["content"] = _bomb()
     elif kwargs.get("content") == "gif":
-        kwargs["content"] = encode(scene(4), "GIF")
+        kwargs["content"] = encode(scene(4).image, "GIF")
     if not {"content", "files"} & set(kwargs):
-        kwargs["files"] = {"image": ("ok.png", encode(scene(5)), "image/png")}
+        kwargs["files"] = {"image": ("ok.png", encode(scene(5).image), "image/png")}
     r = client.post("/segment", **kwargs)
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
@@ -369,7 +337,7 @@ def test_full_queue_is_503_at_once(server: ServerThread, client: Any, monkeypatc
     monkeypatch.setattr(seg.batcher, "capacity", cap)
     with concurrent.futures.ThreadPoolExecutor(cap) as pool:
         held = [pool.submit(httpx.post, server.url + "/segment", params={"score_threshold": NONE},
-                            content=encode(scene(10 + i)), headers={"content-type": "image/png"},
+                            content=encode(scene(10 + i).image), headers={"content-type": "image/png"},
                             timeout=TIMEOUT, trust_env=False)
                 for i in range(cap)]
         deadline = time.monotonic() + 30
@@ -377,7 +345,7 @@ def test_full_queue_is_503_at_once(server: ServerThread, client: Any, monkeypatc
             assert time.monotonic() < deadline
             time.sleep(0.01)
         t = time.perf_counter()
-        r = client.post("/segment", content=encode(scene(6)), headers={"content-type": "image/png"})
+        r = client.post("/segment", content=encode(scene(6).image), headers={"content-type": "image/png"})
         assert time.perf_counter() - t < 1.0
         assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "overloaded"
         gate.set()
@@ -403,7 +371,7 @@ def test_deadline_is_504_and_the_work_dropped(
 
     def post(seed: int) -> Any:
         return httpx.post(server.url + "/segment", params={"score_threshold": NONE},
-                          content=encode(scene(seed)), headers={"content-type": "image/png"},
+                          content=encode(scene(seed).image), headers={"content-type": "image/png"},
                           timeout=TIMEOUT, trust_env=False)
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -422,7 +390,7 @@ def test_deadline_is_504_and_the_work_dropped(
 def test_metrics_count_requests(client: Any) -> None:
     before = metric_values(client.get("/metrics").text)
     good = [client.post("/segment", params={"score_threshold": FEW},
-                        files={"image": (f"{i}.png", encode(scene(30 + i)), "image/png")})
+                        files={"image": (f"{i}.png", encode(scene(30 + i).image), "image/png")})
             for i in range(3)]
     bad = [client.post("/segment", content=b"junk", headers={"content-type": "image/png"}),
            client.post("/segment?score_threshold=9", content=b"x", headers={"content-type": "image/png"}),
@@ -451,9 +419,9 @@ def test_decoder_and_runtime_agree_with_the_server_input(model: OnnxModel) -> No
     """The reference path of these tests decodes exactly like the server."""
     # CONTRACT.md: the threshold reaches the graph, before the mask head.
     assert "score_threshold" in {i.name for i in model.session.get_overridable_initializers()}
-    img = scene(7)
+    img = scene(7).image
     assert np.array_equal(decode_image(encode(img), MAX_PIXELS), img)
-    preds = model.predict([img, scene(8, (200, 100))], FEW)
+    preds = model.predict([img, scene(8, (200, 100)).image], FEW)
     assert [p.image_size for p in preds] == [(120, 160), (200, 100)]
     for p in preds:
         assert (p.boxes[:, 2] <= p.image_size[1]).all() and (p.boxes[:, 3] <= p.image_size[0]).all()

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.helpers import free_port
 
 httpx = pytest.importorskip("httpx")
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,12 +61,6 @@ def test_bad_model_exits_with_one_line(tmp_path: Path, kind: str) -> None:
     assert str(path) in lines[0] and lines[0].startswith("error:")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _png(seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
@@ -78,7 +73,7 @@ def test_sigterm_drains_in_flight_and_exits_zero(request: pytest.FixtureRequest)
         model = Path(request.getfixturevalue("tiny_onnx_model"))
     except pytest.FixtureLookupError:
         pytest.skip("no tiny_onnx_model fixture in tests/conftest.py")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _start(model, port, MRCNN_DRAIN_GRACE_S="1.0", MRCNN_DRAIN_TIMEOUT_S="600")
     try:

@@ -1,0 +1,101 @@
+"""Helpers shared by the test files: the synthetic test scene, mask IoU and hole filling, a free port.
+
+Importable without torch (the service tests run torch-free); the torch helpers import it themselves.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, NamedTuple
+
+import cv2
+import numpy as np
+
+from contract import pad_batch
+
+if TYPE_CHECKING:
+    import torch
+
+CIRCLE, RECTANGLE = 1, 2
+
+
+class Scene(NamedTuple):
+    image: np.ndarray  # [H, W, 3] uint8 RGB
+    masks: np.ndarray  # [N, H, W] uint8: the pixels of each shape that later shapes leave visible
+    labels: np.ndarray  # [N] int64: CIRCLE or RECTANGLE
+
+
+def scene(seed: int, size: tuple[int, int] = (120, 160)) -> Scene:
+    """A distinct synthetic RGB image: coloured background and four filled circles or rectangles, with the
+    masks and labels of the shapes that stay visible."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = rng.integers(0, 255, 3)
+    owner = np.full((h, w), -1)
+    labels = []
+    for i in range(4):
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        r = int(rng.integers(8, max(h, w) // 3))
+        shape = np.zeros((h, w), np.uint8)
+        if rng.random() < 0.5:
+            cv2.circle(shape, (x, y), r, 1, -1)
+            labels.append(CIRCLE)
+        else:
+            cv2.rectangle(shape, (x - r, y - r // 2), (x + r, y + r // 2), 1, -1)
+            labels.append(RECTANGLE)
+        img[shape == 1] = colour
+        owner[shape == 1] = i
+    masks = (owner[None] == np.arange(4)[:, None, None]).astype(np.uint8)
+    visible = masks.any(axis=(1, 2))
+    return Scene(img, masks[visible], np.array(labels, np.int64)[visible])
+
+
+def training_batch(scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Scenes as the model's training inputs: the padded uint8 batch, real sizes, and per-image targets."""
+    import torch
+
+    images, sizes = model_inputs([torch.from_numpy(s.image).permute(2, 0, 1) for s in scenes])
+    return images, sizes, [_targets(s) for s in scenes]
+
+
+def _targets(s: Scene) -> dict[str, torch.Tensor]:
+    """A scene's ground truth as training targets: boxes (x1, y1, x2, y2) around the masks, labels, masks."""
+    import torch
+
+    from model.data.sample import boxes_from_masks
+
+    return {
+        "boxes": torch.from_numpy(boxes_from_masks(s.masks)),
+        "labels": torch.from_numpy(s.labels),
+        "masks": torch.from_numpy(s.masks),
+    }
+
+
+def model_inputs(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [3, h, w] -> the model's zero-padded batch and real sizes [B, 2] (the contract's padding)."""
+    import torch
+
+    batch, sizes = pad_batch([image.numpy() for image in images])
+    return torch.from_numpy(batch), torch.from_numpy(sizes)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two binary masks; two empty masks count as identical."""
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask plus every background pixel that the image border cannot reach (flood fill)."""
+    reach = np.ascontiguousarray(np.pad(mask.astype(np.uint8), 1))  # pycocotools decodes in Fortran order
+    cv2.floodFill(reach, np.zeros((reach.shape[0] + 2, reach.shape[1] + 2), np.uint8), (0, 0), 2)
+    return (reach != 2)[1:-1, 1:-1].astype(np.uint8)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,90 @@
+"""model/anchor_utils.py: FPN anchors against torchvision's AnchorGenerator, and their (row, column, anchor) order."""
+
+import pytest
+import torch
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+
+from model import box_coder
+from model.anchor_utils import ANCHOR_SIZES, ASPECT_RATIOS, cell_anchors, grid_anchors
+from model.backbone import FPN_STRIDES
+from model.rpn import RegionProposalNetwork
+
+HEIGHT, WIDTH = 256, 320  # multiples of 64: torchvision's derived strides equal the nominal ones
+
+
+def _torchvision_anchors_per_level() -> list[torch.Tensor]:
+    generator = AnchorGenerator(tuple((s,) for s in ANCHOR_SIZES), (ASPECT_RATIOS,) * len(ANCHOR_SIZES))
+    images = ImageList(torch.zeros(2, 3, HEIGHT, WIDTH), [(HEIGHT, WIDTH), (200, 310)])
+    features = [torch.zeros(2, 1, HEIGHT // s, WIDTH // s) for s in FPN_STRIDES]
+    anchors = generator(images, features)
+    assert torch.equal(anchors[0], anchors[1])
+    counts = [f.shape[-2] * f.shape[-1] * len(ASPECT_RATIOS) for f in features]
+    return list(anchors[0].split(counts))
+
+
+def test_cell_anchors_match_torchvision():
+    generator = AnchorGenerator(tuple((s,) for s in ANCHOR_SIZES), (ASPECT_RATIOS,) * len(ANCHOR_SIZES))
+    for size, reference in zip(ANCHOR_SIZES, generator.cell_anchors, strict=True):
+        assert torch.equal(cell_anchors(size), reference)
+
+
+def test_cell_anchors_hand_computed():
+    # size 32: ratio 0.5 -> w 32 * sqrt 2 = 45.25, h 22.63 -> half sides rounded 23, 11; ratio 1 -> 16, 16;
+    # ratio 2 -> 11, 23.
+    expected = [[-23.0, -11.0, 23.0, 11.0], [-16.0, -16.0, 16.0, 16.0], [-11.0, -23.0, 11.0, 23.0]]
+    assert cell_anchors(32).tolist() == expected
+
+
+def test_grid_anchors_match_torchvision_per_level():
+    reference = _torchvision_anchors_per_level()
+    for level, (stride, size) in enumerate(zip(FPN_STRIDES, ANCHOR_SIZES, strict=True)):
+        ours = grid_anchors(HEIGHT // stride, WIDTH // stride, stride, cell_anchors(size))
+        assert torch.equal(ours, reference[level]), f"P{level + 2}"
+
+
+def test_grid_anchors_are_ordered_row_column_anchor():
+    cells = cell_anchors(64)
+    anchors = grid_anchors(3, 5, 8, cells).view(3, 5, 3, 4)
+    for row, col, a in [(0, 0, 0), (2, 4, 1), (1, 3, 2), (2, 0, 0)]:
+        shift = torch.tensor([col * 8.0, row * 8.0, col * 8.0, row * 8.0])
+        assert torch.equal(anchors[row, col, a], cells[a] + shift)
+
+
+def test_anchors_do_not_depend_on_padding():
+    """A larger (more padded) map's anchors start with the smaller map's, row by row."""
+    cells = cell_anchors(128)
+    small = grid_anchors(4, 6, 16, cells).view(4, 6, 3, 4)
+    large = grid_anchors(7, 9, 16, cells).view(7, 9, 3, 4)
+    assert torch.equal(large[:4, :6], small)
+
+
+def _one_hot_rpn(level: int, row: int, col: int, anchor: int) -> tuple[RegionProposalNetwork, list[torch.Tensor]]:
+    """An RPN over 1-channel features that are 1 at one position of one level and 0 elsewhere. Its head
+    scores ``anchor`` highest there and moves that anchor right by half its width (dx = 0.5)."""
+    rpn = RegionProposalNetwork(1, pre_nms_top_n={"testing": 50}, post_nms_top_n={"testing": 10}).eval()
+    head = rpn.head
+    with torch.no_grad():
+        for param in head.parameters():
+            param.zero_()
+        head.conv[0][0].weight[0, 0, 1, 1] = 1.0  # identity 3x3 convolution
+        head.cls_logits.weight[anchor, 0] = 5.0
+        head.bbox_pred.weight[4 * anchor, 0] = 0.5
+    features = [torch.zeros(1, 1, HEIGHT // s, WIDTH // s) for s in FPN_STRIDES]
+    features[level][0, 0, row, col] = 1.0
+    return rpn, features
+
+
+@pytest.mark.parametrize("level,row,col,anchor", [(0, 30, 41, 2), (2, 5, 7, 0), (3, 4, 2, 1)])
+def test_rpn_outputs_follow_the_anchor_order(level, row, col, anchor):
+    rpn, features = _one_hot_rpn(level, row, col, anchor)
+    with torch.no_grad():
+        proposals, valid, _ = rpn(features, torch.tensor([[HEIGHT, WIDTH]]))
+    stride = FPN_STRIDES[level]
+    anchors = grid_anchors(HEIGHT // stride, WIDTH // stride, stride, cell_anchors(ANCHOR_SIZES[level]))
+    target = anchors.view(HEIGHT // stride, WIDTH // stride, 3, 4)[row, col, anchor]
+    expected = box_coder.decode(torch.tensor([[0.5, 0.0, 0.0, 0.0]]), target[None], (1.0, 1.0, 1.0, 1.0))
+    expected = box_coder.clip_to_size(expected[:, 0][None], torch.tensor([[HEIGHT, WIDTH]]))[0, 0]
+    assert valid[0, 0]
+    torch.testing.assert_close(proposals[0, 0], expected)
+
