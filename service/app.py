@@ -26,6 +26,7 @@ from service.errors import ApiError
 from service.images import check_content_type
 from service.multipart import MultipartError, parse_multipart
 from service.options import SegmentOptions, resolve
+from service.page import add_page
 from service.pipeline import InferenceRequest, Pipeline
 from service.render import encode_detections, filter_detections, serialize
 from service.runtime import ModelLoadError, OnnxModel
@@ -214,6 +215,7 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
     app.state.pipeline = pipeline
     add_error_handlers(app, pipeline)
     add_routes(app, pipeline)
+    add_page(app, pipeline)
     return app
 
 
