@@ -17,7 +17,6 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
@@ -26,7 +25,7 @@ from service.app import create_app
 from service.images import decode_image
 from service.runtime import OnnxModel, Prediction
 from service.settings import Settings
-from tests.helpers import fill_holes, free_port, iou, scene
+from tests.helpers import ServerThread, fill_holes, iou, scene
 
 httpx = pytest.importorskip("httpx")
 
@@ -109,29 +108,6 @@ def reference_masks(pred: Prediction, height: int, width: int) -> np.ndarray:
     pasted = paste_masks_in_image(torch.from_numpy(pred.masks)[:, None], torch.from_numpy(pred.boxes),
                                   (height, width))
     return (pasted[:, 0].numpy() > 0.5).astype(np.uint8)
-
-
-class ServerThread:
-    """uvicorn running the app in a background thread, on a free loopback port."""
-
-    def __init__(self, app: Any) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 # ---- fixtures --------------------------------------------------------------------------------------
