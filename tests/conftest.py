@@ -1,10 +1,14 @@
-"""Shared fixtures: tiny models with random weights (fixed seeds), exported once per test session."""
+"""Shared fixtures: tiny models with random weights (fixed seeds), exported once per test session, and one
+real server on loopback serving the exported one (tests/test_service.py, test_v2_protocol.py, test_fuzz.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import MAX_PIXELS, MAX_UPLOAD, THRESHOLD, TIMEOUT, ServerThread
 
 SHAPE_CLASSES = ["__background__", "circle", "square", "triangle", "star"]
 # The slim R-18-FPN of the bundled model, with fewer proposals: cheap enough for every test to run it.
@@ -47,3 +51,29 @@ def tiny_onnx_model(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_onnx") / "tiny.onnx"
     assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--model-name", "tiny"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def model(tiny_onnx_model: Path):  # -> service.runtime.OnnxModel
+    """The tiny exported model in a session of its own: what each image gives alone."""
+    from service.runtime import OnnxModel
+
+    return OnnxModel(tiny_onnx_model, intra_op_threads=1)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_onnx_model: Path) -> Iterator[ServerThread]:
+    """The service (service.app.create_app) serving the tiny exported model, on a loopback port; its
+    pipeline is ``server.pipeline``. Batches of up to 8 wait up to 150 ms for company."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(
+        model_path=tiny_onnx_model, max_batch_size=8, max_batch_wait_ms=150, queue_capacity=16,
+        max_upload_bytes=MAX_UPLOAD, max_image_pixels=MAX_PIXELS, score_threshold=THRESHOLD,
+        worker_threads=2, request_timeout_s=TIMEOUT,
+    )
+    app = create_app(settings)
+    with ServerThread(app) as srv:
+        srv.pipeline = app.state.pipeline
+        yield srv

@@ -7,56 +7,41 @@ against each image run alone, every error case is followed by a success, /metric
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
 
-from service.app import create_app
 from service.images import decode_image
 from service.runtime import OnnxModel, Prediction
-from service.settings import Settings
-from tests.helpers import fill_holes, free_port, iou, scene
+from tests.helpers import (
+    MAX_PIXELS,
+    MAX_UPLOAD,
+    THRESHOLD,
+    TIMEOUT,
+    ServerThread,
+    encode,
+    fill_holes,
+    iou,
+    metric_values,
+    sample,
+    scene,
+)
 
 httpx = pytest.importorskip("httpx")
 
-THRESHOLD = 0.05  # random weights give scores of ~0.2-0.3: this keeps all 100 detections
 FEW = 0.205  # fewer detections (and masks to compute) where masks are not the point
 NONE = 0.99  # no detection: the cheapest successful request
-TIMEOUT = 600  # CPU inference of the tiny model takes seconds on a busy 2-core machine
-MAX_UPLOAD = 2_000_000
-MAX_PIXELS = 4_000_000
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-
-
-def encode(img: np.ndarray, fmt: str = "PNG", **kw: Any) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def sample(values: dict, name: str, **labels: str) -> float:
-    return values.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 SCORE_TOL = 1e-4  # float noise between runs of different batch composition is ~1e-6
@@ -111,58 +96,7 @@ def reference_masks(pred: Prediction, height: int, width: int) -> np.ndarray:
     return (pasted[:, 0].numpy() > 0.5).astype(np.uint8)
 
 
-class ServerThread:
-    """uvicorn running the app in a background thread, on a free loopback port."""
-
-    def __init__(self, app: Any) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
-# ---- fixtures --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model(request: pytest.FixtureRequest) -> Path:
-    """The session's tiny exported model (tests/conftest.py); skip cleanly if this checkout lacks it."""
-    try:
-        return Path(request.getfixturevalue("tiny_onnx_model"))
-    except pytest.FixtureLookupError:
-        pytest.skip("no tiny_onnx_model fixture in tests/conftest.py")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model: Path) -> OnnxModel:
-    """The same file in a separate session: what each image gives alone."""
-    return OnnxModel(tiny_model, intra_op_threads=1)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model: Path) -> Iterator[ServerThread]:
-    settings = Settings(
-        model_path=tiny_model, max_batch_size=8, max_batch_wait_ms=150, queue_capacity=16,
-        max_upload_bytes=MAX_UPLOAD, max_image_pixels=MAX_PIXELS, score_threshold=THRESHOLD,
-        worker_threads=2, request_timeout_s=TIMEOUT,
-    )
-    app = create_app(settings)
-    with ServerThread(app) as srv:
-        srv.pipeline = app.state.pipeline
-        yield srv
+# ---- fixtures (the server and the model: tests/conftest.py) ----------------------------------------
 
 
 @pytest.fixture
