@@ -30,6 +30,7 @@ from service.runtime import ModelLoadError, OnnxModel
 from service.schemas import ErrorResponse, ModelResponse, SegmentResponse, Status
 from service.segment_request import SEGMENT_BODY, check_segment_type, image_and_options
 from service.settings import Settings
+from service.v2_routes import add_v2_routes, is_v2, v2_error
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -71,7 +72,11 @@ async def segment_one(pipeline: Pipeline, request: Request, options: SegmentOpti
 
 
 def add_error_handlers(app: FastAPI, pipeline: Pipeline) -> None:
-    """Errors outside the pipeline's own (routing, FastAPI's validation) in the same JSON body."""
+    """Errors outside the pipeline's own (routing, FastAPI's validation, the protocol's metadata routes) in
+    the error body of the protocol the path belongs to."""
+
+    def answer(request: Request, exc: ApiError) -> JSONResponse:
+        return v2_error(exc) if is_v2(request) else segment_error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -79,12 +84,16 @@ def add_error_handlers(app: FastAPI, pipeline: Pipeline) -> None:
         where = ".".join(str(p) for p in first["loc"] if p != "query")
         if request.url.path == "/segment":  # typed query options FastAPI refused before the handler ran
             pipeline.metrics.observe_request("segment", 422, 0.0)
-        return segment_error(ApiError(422, "invalid_option", f"{where}: {first['msg']}"))
+        return answer(request, ApiError(422, "invalid_option", f"{where}: {first['msg']}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return segment_error(ApiError(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None)))
+        return answer(request, ApiError(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None)))
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return answer(request, exc)
 
 
 def add_routes(app: FastAPI, pipeline: Pipeline) -> None:
@@ -145,6 +154,7 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
     app.state.pipeline = pipeline
     add_error_handlers(app, pipeline)
     add_routes(app, pipeline)
+    add_v2_routes(app, pipeline)
     return app
 
 
