@@ -1,6 +1,7 @@
 """The Open Inference Protocol v2 front door: ``/v2/...`` routes over the same pipeline as ``/segment``
-(admission, batcher, limits, deadline, metrics under ``route="v2"``), so that Triton's ``tritonclient``,
-and KServe's and MLServer's clients, work against this server. The codec is service/inference_protocol.py.
+(admission, batcher, limits, deadline, metrics under ``route="v2"``), so that clients of the protocol
+(Triton's ``tritonclient`` is the one tested) work against this server. The codec is
+service/inference_protocol.py.
 
 The model, as the protocol sees it (its name and version are the graph's metadata, as ``GET /v1/model``
 reports them):
