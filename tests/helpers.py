@@ -1,11 +1,13 @@
-"""Helpers shared by the test files: the synthetic test scene, mask IoU and hole filling, a free port, a
-server on loopback, and the pixel checks of an overlay.
+"""Helpers shared by the test files: the synthetic test scene, mask IoU and hole filling, a free port, the
+test server (uvicorn in a thread; tests/conftest.py's ``server`` runs one with the settings below), metric
+readings, and the pixel checks of an overlay.
 
 Importable without torch (the service tests run torch-free); the torch helpers import it themselves.
 """
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
@@ -15,6 +17,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import cv2
 import numpy as np
 import uvicorn
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from contract import pad_batch
 
@@ -104,6 +108,34 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The shared test server's settings (tests/conftest.py's ``server``).
+THRESHOLD = 0.05  # random weights give scores of ~0.2-0.3: this keeps all 100 detections
+TIMEOUT = 600  # CPU inference of the tiny model takes seconds on a busy 2-core machine
+MAX_UPLOAD = 2_000_000
+MAX_PIXELS = 4_000_000
+
+
+def encode(img: np.ndarray, fmt: str = "PNG", **kw: Any) -> bytes:
+    """An image file of ``img`` in Pillow's format ``fmt``."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text exposition, by name and label set."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(values: dict, name: str, **labels: str) -> float:
+    """One sample of ``metric_values``'s result, by its exact label set (0 when absent)."""
+    return values.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 class ServerThread:
