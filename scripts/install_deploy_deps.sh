@@ -14,8 +14,13 @@ command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 
+# tests/test_container.py builds and runs the image: a Docker engine (dockerd and the client it ships
+# with, which builds with BuildKit) and debootstrap, for the stand-in of the python base image.
+{ [ -x /usr/sbin/dockerd ] && [ -x /usr/bin/docker ]; } || need+=(docker.io)
+[ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+
 if [ ${#need[@]} -eq 0 ]; then
-    echo "install_deploy_deps: nginx, prometheus and docker-compose already present"
+    echo "install_deploy_deps: everything already present"
     exit 0
 fi
 
