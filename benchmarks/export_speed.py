@@ -44,13 +44,13 @@ def _torchvision_model(min_size: int):
     import torch
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-    from model.backbone import calibrate_batch_norms
+    from model.backbone import calibrate_batch_norms, random_images
 
     torch.manual_seed(0)
     model = maskrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, min_size=min_size, max_size=1333, box_score_thresh=0.0
     ).eval()
-    calibrate_batch_norms(model.backbone.body, 512)
+    calibrate_batch_norms(model.backbone.body, random_images(512))
     return model
 
 

@@ -15,7 +15,8 @@ _COORDINATE_MODE = {True: "half_pixel", False: "output_half_pixel"}
 def roi_align(
     features, rois, spatial_scale: float, pooled_height: int, pooled_width: int, sampling_ratio: int, aligned: bool
 ):
-    """``maskrcnn::roi_align`` -> ONNX ``RoiAlign`` (opset 16 semantics); rois [K, 5] split into index and box."""
+    """``maskrcnn::roi_align`` -> ONNX ``RoiAlign`` (opset 16 semantics); rois [K, 5] split into index and box.
+    ONNX's ``sampling_ratio=0`` is the op's adaptive sampling (any ``sampling_ratio <= 0``)."""
     batch_index = op.Cast(op.Reshape(op.Slice(rois, [0], [1], [1]), [-1]), to=ir.DataType.INT64)
     boxes = op.Slice(rois, [1], [5], [1])
     return op.RoiAlign(
@@ -26,7 +27,7 @@ def roi_align(
         mode="avg",
         output_height=pooled_height,
         output_width=pooled_width,
-        sampling_ratio=sampling_ratio,
+        sampling_ratio=max(sampling_ratio, 0),
         spatial_scale=spatial_scale,
     )
 

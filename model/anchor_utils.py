@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from contract import padded_size
+from model.backbone import valid_extent
+
 ANCHOR_SIZES = (32, 64, 128, 256, 512)  # one per FPN level, P2..P6
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
@@ -20,10 +23,26 @@ def cell_anchors(size: int, ratios: tuple[float, ...] = ASPECT_RATIOS) -> Tensor
     return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
 
 
-def grid_anchors(height: int, width: int, stride: int, cells: Tensor) -> Tensor:
-    """Anchors [H * W * A, 4] for a feature map, ordered (row, column, anchor) like the RPN outputs."""
-    shifts_x = torch.arange(width, dtype=torch.float32, device=cells.device) * stride
-    shifts_y = torch.arange(height, dtype=torch.float32, device=cells.device) * stride
-    sy, sx = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
-    shifts = torch.stack([sx, sy, sx, sy], dim=-1).reshape(-1, 1, 4)
-    return (shifts + cells.view(1, -1, 4)).reshape(-1, 4)
+def anchor_strides(image_sizes: Tensor, stride: int) -> Tensor:
+    """Each image's anchor stride (height, width) [B, 2] on the level of nominal ``stride``, as torchvision
+    derives it for the image alone: its padded size // its feature map's size.
+
+    The padded size is the image's own (its real size rounded up to the contract's divisibility), not
+    the batch's, so an image's anchors do not depend on what it is batched with. For P2-P5 this is the
+    nominal stride; for P6 it is not when the padded side is an odd multiple of 32: an image padded to
+    800 rows has a P6 map of ceil(800 / 64) = 13 rows and torchvision's anchors 800 // 13 = 61 px apart.
+    """
+    padded = torch.stack(padded_size(image_sizes[:, 0], image_sizes[:, 1]), dim=1)
+    return torch.div(padded, valid_extent(padded, stride), rounding_mode="floor")
+
+
+def grid_anchors(height: int, width: int, strides: Tensor, cells: Tensor) -> Tensor:
+    """Anchors [B, H * W * A, 4] for a feature map, ordered (row, column, anchor) like the RPN outputs;
+    image ``i``'s are ``strides[i]`` (height, width) apart, in the dtype of ``cells``."""
+    b = strides.shape[0]
+    rows = torch.arange(height, device=cells.device)[None, :] * strides[:, 0:1]
+    cols = torch.arange(width, device=cells.device)[None, :] * strides[:, 1:2]
+    sy = rows[:, :, None].expand(b, height, width).to(cells.dtype)
+    sx = cols[:, None, :].expand(b, height, width).to(cells.dtype)
+    shifts = torch.stack([sx, sy, sx, sy], dim=-1).reshape(b, -1, 1, 4)
+    return (shifts + cells.view(1, 1, -1, 4)).reshape(b, -1, 4)

@@ -5,7 +5,9 @@ torchvision checkpoints load as they are. The forward pass is ours for one reaso
 are zero-padded to a common size, and a convolution near an image's border would read the padding's
 activations (bias, batch-norm shift) instead of the zeros it reads when the image is alone. Zeroing
 everything outside each image's valid extent before every convolution wider than 1x1 (and before
-max-pooling) makes each image's features exactly those it has alone.
+max-pooling) makes each image's features exactly those it has alone. Batch norms are per-pixel maps,
+so their shifts land in the padding too (torchvision's v2 FPN has one after every convolution); the
+masks come after them, before the next convolution reads the map.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-# Architecture name -> torchvision ResNet depth.
-RESNET_DEPTHS = {"r18_fpn": 18, "r50_fpn": 50, "r101_fpn": 101}
 FPN_CHANNELS = 256
 # Strides of the pyramid's levels P2..P6 relative to the input (FPN paper, section 3: C2..C5 halve the
 # resolution stage by stage, P6 subsamples P5). RoIs are pooled from P2..P5, anchors placed on all five.
@@ -72,7 +72,7 @@ def _per_channel(mask: Tensor, channels: int) -> Tensor:
     return F.conv2d(mask, mask.new_ones(channels, 1, 1, 1))
 
 
-class _Masks:
+class PaddingMasks:
     """Each image's valid region per stride, for zeroing activations outside it; cached per forward pass.
 
     ``relu(x, stride)`` is ``ReLU(x)`` zeroed outside: ReLU(x + bias) with bias 0 inside and the most
@@ -89,7 +89,7 @@ class _Masks:
         if key not in self.cache:
             inside = valid_mask(self.image_sizes, stride, x.shape[-2], x.shape[-1], torch.bool)
             if kind == "bias":
-                mask = torch.where(inside, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
+                mask = x.new_full(inside.shape, torch.finfo(x.dtype).min).masked_fill(inside, 0.0)
             else:
                 mask = inside.to(x.dtype)
             self.cache[key] = _per_channel(mask, x.shape[1])
@@ -102,7 +102,7 @@ class _Masks:
         return x * self._mask("gate", x, stride)
 
 
-def _bottleneck(block: Bottleneck, x: Tensor, masks: _Masks, stride: int) -> Tensor:
+def _bottleneck(block: Bottleneck, x: Tensor, masks: PaddingMasks, stride: int) -> Tensor:
     """torchvision's Bottleneck; only the 3x3 convolution reads neighbours, so only its input is masked."""
     identity = x if block.downsample is None else block.downsample(x)
     out = masks.relu(block.bn1(block.conv1(x)), stride)
@@ -111,7 +111,7 @@ def _bottleneck(block: Bottleneck, x: Tensor, masks: _Masks, stride: int) -> Ten
     return block.relu(out + identity)
 
 
-def _basic_block(block: BasicBlock, x: Tensor, masks: _Masks, stride: int) -> Tensor:
+def _basic_block(block: BasicBlock, x: Tensor, masks: PaddingMasks, stride: int) -> Tensor:
     """torchvision's BasicBlock; both 3x3 convolutions get masked inputs. ``x`` is a ReLU's or max-pool's
     output, >= 0, so ``masks.relu`` leaves it unchanged inside."""
     x = masks.relu(x, stride)
@@ -143,33 +143,37 @@ def _slim_resnet18(width: int, norm_layer: type[nn.Module]) -> nn.Module:
 
 
 class ResNetFPN(nn.Module):
-    """ResNet body (C2-C5) + FPN (P2-P5) + P6 by subsampling P5, as in torchvision's resnet_fpn_backbone."""
+    """ResNet body (C2-C5) + FPN (P2-P5) + P6 by subsampling P5, as in torchvision's resnet_fpn_backbone.
+
+    ``norm_layer`` is the body's batch norm, and the FPN's when ``fpn_norm`` (torchvision's v2).
+    """
 
     def __init__(
-        self, arch: str = "r50_fpn", norm: str = "frozen_bn", width: int = 64, fpn_channels: int = FPN_CHANNELS
+        self,
+        depth: int = 50,
+        norm_layer: type[nn.Module] = FrozenBatchNorm2d,
+        width: int = 64,
+        fpn_channels: int = FPN_CHANNELS,
+        fpn_norm: bool = False,
     ):
         super().__init__()
-        if arch not in RESNET_DEPTHS:
-            raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(RESNET_DEPTHS)}")
-        norm_layer = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}[norm]
-        depth = RESNET_DEPTHS[arch]
         if width == 64:
             body = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=norm_layer)
             del body.fc, body.avgpool
         elif depth == 18:
             body = _slim_resnet18(width, norm_layer)
         else:
-            raise ValueError(f"a width other than 64 is only available for r18_fpn, not {arch}")
+            raise ValueError(f"a width other than 64 is only available for ResNet-18, not ResNet-{depth}")
         self.body = body
         expansion = 4 if depth >= 50 else 1
         stage_channels = [width * 2**i * expansion for i in range(4)]
-        self.fpn = FeaturePyramidNetwork(stage_channels, fpn_channels)
+        self.fpn = FeaturePyramidNetwork(stage_channels, fpn_channels, norm_layer=norm_layer if fpn_norm else None)
         self.out_channels = fpn_channels
         self.block_forward = _bottleneck if expansion == 4 else _basic_block
 
     def forward(self, x: Tensor, image_sizes: Tensor) -> list[Tensor]:
         """Features [P2, P3, P4, P5, P6] of a padded batch, zero outside each image's valid region."""
-        masks = _Masks(image_sizes)
+        masks = PaddingMasks(image_sizes)
         body = self.body
         x = masks.relu(body.bn1(body.conv1(x)), 2)  # the stem convolution has stride 2
         x = body.maxpool(x)
@@ -182,7 +186,7 @@ class ResNetFPN(nn.Module):
             stages.append(x)
         return self._pyramid(stages, masks)
 
-    def _pyramid(self, stages: list[Tensor], masks: _Masks) -> list[Tensor]:
+    def _pyramid(self, stages: list[Tensor], masks: PaddingMasks) -> list[Tensor]:
         """FPN top-down pathway with lateral connections (FPN paper, section 3)."""
         fpn = self.fpn
         top = POOLED_STRIDES[-1]
@@ -206,19 +210,25 @@ def _upsample_to(x: Tensor, like: Tensor) -> Tensor:
     return F.interpolate(x, size=like.shape[-2:], mode="nearest")
 
 
-def calibrate_batch_norms(body: nn.Module, size: int, seed: int = 99) -> None:
-    """Give a randomly initialized body's batch norms the statistics of random images, as a trained
-    network has (for tests and benchmarks with random weights).
+def random_images(size: int, seed: int = 99) -> Tensor:
+    """Two random ``size`` x ``size`` RGB images, normalized about as ImageNet's statistics would: [2, 3, H, W]."""
+    return (torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed)) - 0.45) / 0.225
+
+
+def calibrate_batch_norms(module: nn.Module, images: Tensor) -> None:
+    """Give a randomly initialized network's batch norms the statistics of ``images`` (normalized
+    [N, 3, H, W]), as a trained network has, for tests and benchmarks with random weights. ``module`` runs
+    on them as it is: a ResNet body, or a torchvision backbone with its FPN (whose v2 has batch norms too).
 
     With torchvision's default running statistics (mean 0, variance 1) activations grow by orders of
     magnitude through the 16 blocks of a ResNet-50; objectness and class scores then saturate into exact
     ties whose order float rounding decides, which measures nothing. Calibrated, activations stay O(10).
     """
-    for module in body.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None  # cumulative average: the statistics of this one batch
-            module.reset_running_stats()
-    body.train()
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: the statistics of this one batch
+            m.reset_running_stats()
+    module.train()
     with torch.no_grad():
-        body((torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed)) - 0.45) / 0.225)
-    body.eval()
+        module(images)
+    module.eval()

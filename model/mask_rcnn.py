@@ -17,6 +17,7 @@ from contract import (
     DEFAULT_NMS_THRESHOLD,
     DEFAULT_SCORE_THRESHOLD,
 )
+from model.architectures import architecture, norm_layer
 from model.backbone import FPN_CHANNELS, ResNetFPN, valid_mask
 from model.roi_heads import MASK_HEAD_CHANNELS, REPRESENTATION_SIZE, RoIHeads
 from model.rpn import RegionProposalNetwork
@@ -36,8 +37,9 @@ class MaskRCNN(nn.Module):
         self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, images: Tensor, image_sizes: Tensor) -> Tensor:
-        """uint8 RGB -> normalized float, then zero outside each image (torchvision normalizes, then pads)."""
-        x = (images.float() / 255.0 - self.image_mean) / self.image_std
+        """uint8 RGB -> normalized float (the model's dtype), then zero outside each image (torchvision
+        normalizes, then pads)."""
+        x = (images.to(self.image_mean.dtype) / 255.0 - self.image_mean) / self.image_std
         return x * valid_mask(image_sizes, 1, x.shape[-2], x.shape[-1], x.dtype)
 
     def forward(
@@ -79,20 +81,25 @@ def build_model(
     representation_size: int = REPRESENTATION_SIZE,
     mask_channels: int = MASK_HEAD_CHANNELS,
 ) -> MaskRCNN:
-    """Mask R-CNN with a ResNet-FPN backbone (``r50_fpn``, ``r101_fpn`` or ``r18_fpn``).
+    """Mask R-CNN with a ResNet-FPN backbone: ``arch`` is one of ``model.architectures.ARCHITECTURES``
+    (``r50_fpn``, ``r101_fpn``, ``r18_fpn``, ``r50_fpn_v2``).
 
     Defaults are the paper's and torchvision's: ``norm="frozen_bn"`` for fine-tuning and torchvision
-    checkpoints, ``norm="bn"`` to train a backbone from scratch. ``aligned`` selects half-pixel
-    RoIAlign (Detectron2's ROIAlignV2); torchvision's checkpoints were trained with ``aligned=False``.
+    checkpoints, ``norm="bn"`` to train from scratch (every batch norm of the model: the body's, and the
+    FPN's and heads' where the architecture has them). ``aligned`` selects half-pixel RoIAlign
+    (Detectron2's ROIAlignV2); torchvision's checkpoints were trained with ``aligned=False``.
     ``width``, ``fpn_channels``, ``representation_size`` and ``mask_channels`` shrink the network
     (the paper's values are 64, 256, 1024, 256) for the small bundled demo model.
     """
+    spec = architecture(arch)
+    norm_cls = norm_layer(norm)
     return MaskRCNN(
-        ResNetFPN(arch, norm, width, fpn_channels),
+        ResNetFPN(spec.depth, norm_cls, width, fpn_channels, fpn_norm=spec.fpn_norm),
         RegionProposalNetwork(
             fpn_channels,
             pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
             post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
+            conv_depth=spec.rpn_convs,
         ),
         RoIHeads(
             num_classes,
@@ -100,6 +107,8 @@ def build_model(
             representation_size,
             mask_channels,
             aligned=aligned,
+            box_head_convs=spec.box_head_convs,
+            norm_layer=norm_cls if spec.head_norm else None,
             batch_size_per_image=box_batch_size_per_image,
             score_thresh=score_thresh,
             nms_thresh=nms_thresh,

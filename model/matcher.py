@@ -61,15 +61,17 @@ def _random_subset(candidates: Tensor, count: Tensor) -> Tensor:
     return candidates & (rank < count[:, None])
 
 
-def pad_targets(targets: list[dict[str, Tensor]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Stack per-image ground truth into boxes [B, G, 4], labels [B, G], valid [B, G] (G >= 1)."""
+def pad_targets(
+    targets: list[dict[str, Tensor]], device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack per-image ground truth into boxes [B, G, 4] (of ``dtype``), labels [B, G], valid [B, G] (G >= 1)."""
     count = max([1] + [len(t["boxes"]) for t in targets])
-    boxes = torch.zeros(len(targets), count, 4, device=device)
+    boxes = torch.zeros(len(targets), count, 4, device=device, dtype=dtype)
     labels = torch.zeros(len(targets), count, dtype=torch.int64, device=device)
     valid = torch.zeros(len(targets), count, dtype=torch.bool, device=device)
     for i, t in enumerate(targets):
         n = len(t["boxes"])
-        boxes[i, :n] = t["boxes"].to(device, torch.float32)
+        boxes[i, :n] = t["boxes"].to(device, dtype)
         labels[i, :n] = t["labels"].to(device)
         valid[i, :n] = True
     return boxes, labels, valid

@@ -27,7 +27,8 @@ def multiclass_nms(
     num_classes = scores.shape[1]
     b, c, n = (scores > score_threshold).nonzero(as_tuple=True)
     group = b * num_classes + c
-    keep = batched_nms(boxes[b, n].float(), scores[b, c, n].float(), group, iou_threshold)
+    dtype = torch.promote_types(boxes.dtype, torch.float32)  # torchvision's CPU NMS has no float16 kernel
+    keep = batched_nms(boxes[b, n].to(dtype), scores[b, c, n].to(dtype), group, iou_threshold)
     # keep is sorted by score; a stable sort by group keeps that order inside each group.
     order = torch.sort(group[keep], stable=True).indices
     keep = keep[order]

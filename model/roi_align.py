@@ -1,11 +1,14 @@
 """RoIAlign (Mask R-CNN, section 3): the project's own custom op, and the multi-level FPN pooler.
 
 RoIAlign keeps RoI coordinates and bin edges unquantized, samples each bin at ``sampling_ratio``
-x ``sampling_ratio`` regularly spaced points with bilinear interpolation, and averages them.
+x ``sampling_ratio`` regularly spaced points with bilinear interpolation, and averages them; with
+``sampling_ratio <= 0`` the number of points adapts to each RoI's size (torchvision's and ONNX's
+``sampling_ratio=0``, Detectron2's default pooler).
 
 The op ``maskrcnn::roi_align`` is registered with ``torch.library`` so that
 
-* eager PyTorch runs a vectorized kernel (one ``grid_sample`` per image, no loop over RoIs),
+* eager PyTorch runs a vectorized kernel (one ``grid_sample`` per image, no loop over RoIs; adaptive
+  sampling loops over the distinct sample counts, one such call each),
 * autograd uses a registered backward (``maskrcnn::roi_align_backward``),
 * ``torch.export`` traces it through its fake implementation, and the ONNX exporter maps it to the
   standard ONNX ``RoiAlign`` (see ``export/onnx_ops.py``).
@@ -24,40 +27,34 @@ from torch import Tensor
 
 # RoIs are pooled in bands of this many feature-map rows, left to right within a band (see spatial_order).
 ORDER_BAND_ROWS = 32
+# Adaptive sampling pools a group's RoIs in chunks of at most this many samples (RoIs x channels x
+# samples per RoI): one RoI over a whole P2 map takes ceil(roi / bin) samples per bin side, tens of millions.
+MAX_CHUNK_SAMPLES = 2**25
 # grid_sample's integer codes, as aten.grid_sampler_2d_backward takes them.
 _BILINEAR = 0
 _BORDER = 1
 
 
-def _sample_coords(start: Tensor, size: Tensor, pooled: int, sampling_ratio: int, limit: int) -> tuple[Tensor, Tensor]:
-    """Sample positions along one axis, [K, pooled * sampling_ratio], and whether each lies in range.
+def _sample_coords(start: Tensor, size: Tensor, pooled: int, samples: int, limit: int) -> tuple[Tensor, Tensor]:
+    """Sample positions along one axis, [K, pooled * samples], and whether each lies in range.
 
     Written in the same arithmetic order as torchvision's kernel, so that float32 results agree.
     """
     bin_size = size / pooled
-    index = torch.arange(pooled * sampling_ratio, device=start.device, dtype=start.dtype)
-    bin_index = torch.div(index, sampling_ratio, rounding_mode="floor")
-    sub_index = index - bin_index * sampling_ratio
+    index = torch.arange(pooled * samples, device=start.device, dtype=start.dtype)
+    bin_index = torch.div(index, samples, rounding_mode="floor")
+    sub_index = index - bin_index * samples
     coords = (
         start[:, None]
         + bin_index[None, :] * bin_size[:, None]
-        + (sub_index[None, :] + 0.5) * bin_size[:, None] / sampling_ratio
+        + (sub_index[None, :] + 0.5) * bin_size[:, None] / samples
     )
     inside = (coords >= -1.0) & (coords <= limit)
     return coords, inside
 
 
-def _sampling_grid(
-    rois: Tensor,
-    height: int,
-    width: int,
-    spatial_scale: float,
-    pooled_height: int,
-    pooled_width: int,
-    sampling_ratio: int,
-    aligned: bool,
-) -> tuple[Tensor, Tensor]:
-    """The normalized grid_sample grid [K, PH*s, PW*s, 2] and the in-range mask [K, PH*s, PW*s]."""
+def _roi_extents(rois: Tensor, spatial_scale: float, aligned: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each RoI's start (x1, y1) and size (width, height) in feature-map pixels, as torchvision's kernel has them."""
     offset = 0.5 if aligned else 0.0
     x1 = rois[:, 1] * spatial_scale - offset
     y1 = rois[:, 2] * spatial_scale - offset
@@ -66,8 +63,17 @@ def _sampling_grid(
     if not aligned:  # torchvision's legacy behaviour: RoIs are at least one feature pixel
         roi_w = roi_w.clamp(min=1.0)
         roi_h = roi_h.clamp(min=1.0)
-    xs, x_in = _sample_coords(x1, roi_w, pooled_width, sampling_ratio, width)
-    ys, y_in = _sample_coords(y1, roi_h, pooled_height, sampling_ratio, height)
+    return x1, y1, roi_w, roi_h
+
+
+def _sampling_grid(
+    rois: Tensor, height: int, width: int, spatial_scale: float, pooled: tuple[int, int], samples: tuple[int, int],
+    aligned: bool,
+) -> tuple[Tensor, Tensor]:
+    """The normalized grid_sample grid [K, PH*sh, PW*sw, 2] and the in-range mask [K, PH*sh, PW*sw]."""
+    x1, y1, roi_w, roi_h = _roi_extents(rois, spatial_scale, aligned)
+    xs, x_in = _sample_coords(x1, roi_w, pooled[1], samples[1], width)
+    ys, y_in = _sample_coords(y1, roi_h, pooled[0], samples[0], height)
     # align_corners=True maps -1 / +1 to the centres of the first / last pixel.
     # Normalized in float64: grid_sample un-normalizes in the feature dtype, and the round trip
     # should not add more than one rounding to the sample positions.
@@ -78,13 +84,60 @@ def _sampling_grid(
     return grid, inside
 
 
-def _check_args(features: Tensor, rois: Tensor, sampling_ratio: int) -> None:
-    if sampling_ratio <= 0:
-        raise ValueError(f"sampling_ratio must be positive (Mask R-CNN uses 2), got {sampling_ratio}")
+def adaptive_groups(
+    rois: Tensor, channels: int, spatial_scale: float, pooled: tuple[int, int], aligned: bool
+) -> list[tuple[tuple[int, int], Tensor]]:
+    """Adaptive sampling (``sampling_ratio <= 0``): ceil(roi_h / PH) x ceil(roi_w / PW) samples per bin, per
+    RoI, as torchvision's kernel and ONNX ``RoiAlign`` with ``sampling_ratio=0`` take them.
+
+    Returns the RoIs grouped by their sample counts, ((samples_h, samples_w), indices), each group cut into
+    chunks of at most MAX_CHUNK_SAMPLES samples. RoIs with no samples (an empty aligned RoI) are in no
+    group: their output is zero, as in torchvision.
+    """
+    _, _, roi_w, roi_h = _roi_extents(rois, spatial_scale, aligned)
+    samples_h = torch.ceil(roi_h / pooled[0]).to(torch.int64)
+    samples_w = torch.ceil(roi_w / pooled[1]).to(torch.int64)
+    sampled = ((samples_h > 0) & (samples_w > 0)).nonzero().squeeze(1)
+    if sampled.numel() == 0:
+        return []
+    keys = samples_h[sampled] * (int(samples_w.max()) + 1) + samples_w[sampled]
+    groups = []
+    for key in torch.unique(keys).tolist():
+        index = sampled[keys == key]
+        sh, sw = int(samples_h[index[0]]), int(samples_w[index[0]])
+        per_chunk = max(1, MAX_CHUNK_SAMPLES // (channels * pooled[0] * sh * pooled[1] * sw))
+        groups.extend(((sh, sw), chunk) for chunk in index.split(per_chunk))
+    return groups
+
+
+def _check_args(features: Tensor, rois: Tensor) -> None:
     if features.dim() != 4 or rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(
             f"expected features [N, C, H, W] and rois [K, 5], got {tuple(features.shape)} and {tuple(rois.shape)}"
         )
+
+
+def _pool(
+    features: Tensor, rois: Tensor, spatial_scale: float, pooled: tuple[int, int], samples: tuple[int, int],
+    aligned: bool,
+) -> Tensor:
+    """RoIAlign with ``samples`` (sh, sw) points per bin for every RoI: [K, C, PH, PW]."""
+    n, c, h, w = features.shape
+    sh, sw = samples
+    grid, inside = _sampling_grid(rois, h, w, spatial_scale, pooled, samples, aligned)
+    out = features.new_zeros(rois.shape[0], c, pooled[0] * sh, pooled[1] * sw)
+    batch_index = rois[:, 0].long()
+    for b in range(n):  # one grid_sample per image; the RoIs of an image are sampled together
+        sel = (batch_index == b).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        image_grid = grid[sel].reshape(1, -1, pooled[1] * sw, 2)
+        sampled = F.grid_sample(
+            features[b : b + 1], image_grid, mode="bilinear", padding_mode="border", align_corners=True
+        )
+        out[sel] = sampled.view(c, sel.numel(), pooled[0] * sh, pooled[1] * sw).transpose(0, 1)
+    out = out * inside[:, None].to(out.dtype)
+    return F.avg_pool2d(out, kernel_size=samples, stride=samples)
 
 
 @torch.library.custom_op("maskrcnn::roi_align", mutates_args=())
@@ -97,30 +150,50 @@ def roi_align(
     sampling_ratio: int,
     aligned: bool,
 ) -> Tensor:
-    """RoIAlign of ``rois`` [K, 5] (batch index, x1, y1, x2, y2) on ``features`` [N, C, H, W] -> [K, C, PH, PW]."""
-    _check_args(features, rois, sampling_ratio)
-    n, c, h, w = features.shape
-    s = sampling_ratio
+    """RoIAlign of ``rois`` [K, 5] (batch index, x1, y1, x2, y2) on ``features`` [N, C, H, W] -> [K, C, PH, PW].
+
+    ``sampling_ratio`` > 0 samples each bin at that many points per side; <= 0 samples adaptively (see
+    ``adaptive_groups``).
+    """
+    _check_args(features, rois)
     rois = rois.to(features.dtype)
-    grid, inside = _sampling_grid(rois, h, w, spatial_scale, pooled_height, pooled_width, s, aligned)
-    samples = features.new_zeros(rois.shape[0], c, pooled_height * s, pooled_width * s)
-    batch_index = rois[:, 0].long()
-    for b in range(n):  # one grid_sample per image; the RoIs of an image are sampled together
-        sel = (batch_index == b).nonzero().squeeze(1)
-        if sel.numel() == 0:
-            continue
-        image_grid = grid[sel].reshape(1, -1, pooled_width * s, 2)
-        sampled = F.grid_sample(
-            features[b : b + 1], image_grid, mode="bilinear", padding_mode="border", align_corners=True
-        )
-        samples[sel] = sampled.view(c, sel.numel(), pooled_height * s, pooled_width * s).transpose(0, 1)
-    samples = samples * inside[:, None].to(samples.dtype)
-    return F.avg_pool2d(samples, kernel_size=s, stride=s)
+    pooled = (pooled_height, pooled_width)
+    if sampling_ratio > 0:
+        return _pool(features, rois, spatial_scale, pooled, (sampling_ratio, sampling_ratio), aligned)
+    out = features.new_zeros(rois.shape[0], features.shape[1], pooled_height, pooled_width)
+    for samples, index in adaptive_groups(rois, features.shape[1], spatial_scale, pooled, aligned):
+        out[index] = _pool(features, rois[index], spatial_scale, pooled, samples, aligned)
+    return out
 
 
 @roi_align.register_fake
 def _roi_align_fake(features, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     return features.new_empty((rois.shape[0], features.shape[1], pooled_height, pooled_width))
+
+
+def _pool_backward(
+    grad: Tensor, rois: Tensor, spatial_scale: float, pooled: tuple[int, int], samples: tuple[int, int],
+    aligned: bool, grad_features: Tensor,
+) -> None:
+    """Add the gradient of ``_pool`` with respect to the features into ``grad_features`` [N, C, H, W]."""
+    n, c, h, w = grad_features.shape
+    sh, sw = samples
+    grid, inside = _sampling_grid(rois, h, w, spatial_scale, pooled, samples, aligned)
+    # Undo the average pool and the out-of-range zeroing.
+    grad_samples = grad.repeat_interleave(sh, dim=2).repeat_interleave(sw, dim=3) / (sh * sw)
+    grad_samples = grad_samples * inside[:, None].to(grad.dtype)
+    shape_only = grad.new_empty(1, c, h, w)
+    batch_index = rois[:, 0].long()
+    for b in range(n):
+        sel = (batch_index == b).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        image_grid = grid[sel].reshape(1, -1, pooled[1] * sw, 2)
+        image_grad = grad_samples[sel].transpose(0, 1).reshape(1, c, -1, pooled[1] * sw)
+        grad_input, _ = torch.ops.aten.grid_sampler_2d_backward(
+            image_grad, shape_only, image_grid, _BILINEAR, _BORDER, True, [True, False]
+        )
+        grad_features[b] += grad_input[0]
 
 
 @torch.library.custom_op("maskrcnn::roi_align_backward", mutates_args=())
@@ -137,26 +210,14 @@ def roi_align_backward(
     width: int,
 ) -> Tensor:
     """Gradient of ``roi_align`` with respect to the features: the bilinear weights scattered back."""
-    s = sampling_ratio
-    c = grad.shape[1]
     rois = rois.to(grad.dtype)
-    grid, inside = _sampling_grid(rois, height, width, spatial_scale, pooled_height, pooled_width, s, aligned)
-    # Undo the average pool and the out-of-range zeroing.
-    grad_samples = grad.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3) / (s * s)
-    grad_samples = grad_samples * inside[:, None].to(grad.dtype)
-    grad_features = grad.new_zeros(batch_size, c, height, width)
-    shape_only = grad.new_empty(1, c, height, width)
-    batch_index = rois[:, 0].long()
-    for b in range(batch_size):
-        sel = (batch_index == b).nonzero().squeeze(1)
-        if sel.numel() == 0:
-            continue
-        image_grid = grid[sel].reshape(1, -1, pooled_width * s, 2)
-        image_grad = grad_samples[sel].transpose(0, 1).reshape(1, c, -1, pooled_width * s)
-        grad_input, _ = torch.ops.aten.grid_sampler_2d_backward(
-            image_grad, shape_only, image_grid, _BILINEAR, _BORDER, True, [True, False]
-        )
-        grad_features[b] = grad_input[0]
+    pooled = (pooled_height, pooled_width)
+    grad_features = grad.new_zeros(batch_size, grad.shape[1], height, width)
+    if sampling_ratio > 0:
+        _pool_backward(grad, rois, spatial_scale, pooled, (sampling_ratio,) * 2, aligned, grad_features)
+    else:
+        for samples, index in adaptive_groups(rois, grad.shape[1], spatial_scale, pooled, aligned):
+            _pool_backward(grad[index], rois[index], spatial_scale, pooled, samples, aligned, grad_features)
     return grad_features
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
 from contract import DEFAULT_DETECTIONS_PER_IMAGE, DEFAULT_NMS_THRESHOLD, DEFAULT_SCORE_THRESHOLD
@@ -26,6 +26,7 @@ MASK_POOL_SIZE = 14
 MASK_SIZE = 2 * MASK_POOL_SIZE  # the mask head's deconvolution doubles its 14x14 RoIs (section 3, Figure 4)
 SAMPLING_RATIO = 2
 REPRESENTATION_SIZE = 1024
+BOX_HEAD_CHANNELS = 256  # of the convolutional box head (torchvision's v2)
 MASK_HEAD_CHANNELS = 256
 MIN_DETECTION_SIZE = 1e-2
 
@@ -98,6 +99,8 @@ class RoIHeads(nn.Module):
         representation_size: int = REPRESENTATION_SIZE,
         mask_channels: int = MASK_HEAD_CHANNELS,
         aligned: bool = False,
+        box_head_convs: int = 0,
+        norm_layer: type[nn.Module] | None = None,
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
         batch_size_per_image: int = 512,
@@ -108,10 +111,15 @@ class RoIHeads(nn.Module):
     ):
         super().__init__()
         self.box_roi_pool = MultiScaleRoIAlign(BOX_POOL_SIZE, POOLED_STRIDES, SAMPLING_RATIO, aligned)
-        self.box_head = TwoMLPHead(in_channels * BOX_POOL_SIZE**2, representation_size)
+        if box_head_convs:
+            pooled_shape = (in_channels, BOX_POOL_SIZE, BOX_POOL_SIZE)
+            convs = [BOX_HEAD_CHANNELS] * box_head_convs
+            self.box_head = FastRCNNConvFCHead(pooled_shape, convs, [representation_size], norm_layer=norm_layer)
+        else:
+            self.box_head = TwoMLPHead(in_channels * BOX_POOL_SIZE**2, representation_size)
         self.box_predictor = FastRCNNPredictor(representation_size, num_classes)
         self.mask_roi_pool = MultiScaleRoIAlign(MASK_POOL_SIZE, POOLED_STRIDES, SAMPLING_RATIO, aligned)
-        self.mask_head = MaskRCNNHeads(in_channels, [mask_channels] * 4, 1)
+        self.mask_head = MaskRCNNHeads(in_channels, [mask_channels] * 4, 1, norm_layer=norm_layer)
         self.mask_predictor = MaskRCNNPredictor(mask_channels, mask_channels, num_classes)
         self._init_predictors()
         self.mask_size = MASK_SIZE
@@ -177,7 +185,7 @@ class RoIHeads(nn.Module):
         batch_of_row = torch.div(torch.arange(b * p, device=proposals.device), p, rounding_mode="floor")
         x = self.box_head(self.box_roi_pool(features, proposals.reshape(-1, 4), batch_of_row))
         class_logits, box_regression = self.box_predictor(x)
-        threshold = torch.full((b,), self.score_thresh, device=proposals.device)
+        threshold = torch.full((b,), self.score_thresh, device=proposals.device, dtype=class_logits.dtype)
         if score_threshold is not None:
             threshold = torch.maximum(threshold, score_threshold.to(threshold.dtype))
         boxes, scores, labels, valid = box_inference(
@@ -209,7 +217,7 @@ class RoIHeads(nn.Module):
     ) -> dict[str, Tensor]:
         """Sample 512 RoIs per image (1:3 positives to negatives) from the proposals plus the ground
         truth boxes, and compute L_cls + L_box + L_mask on them."""
-        gt_boxes, gt_labels, gt_valid = pad_targets(targets, proposals.device)
+        gt_boxes, gt_labels, gt_valid = pad_targets(targets, proposals.device, proposals.dtype)
         proposals = torch.cat([proposals.detach(), gt_boxes], 1)
         proposal_valid = torch.cat([proposal_valid, gt_valid], 1)
         matches = match(pairwise_iou(proposals, gt_boxes), gt_valid, self.fg_iou_thresh, self.bg_iou_thresh, False)

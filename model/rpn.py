@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torchvision.models.detection.rpn import RPNHead
 
 from model import box_coder
-from model.anchor_utils import ANCHOR_SIZES, ASPECT_RATIOS, cell_anchors, grid_anchors
-from model.backbone import FPN_CHANNELS, FPN_STRIDES, valid_mask
+from model.anchor_utils import ANCHOR_SIZES, ASPECT_RATIOS, anchor_strides, cell_anchors, grid_anchors
+from model.backbone import FPN_CHANNELS, FPN_STRIDES, PaddingMasks, valid_mask
 from model.matcher import BELOW_LOW_THRESHOLD, match, pad_targets, pairwise_iou, sample_balanced
 from model.nms import nms_top_k
 
@@ -29,7 +29,7 @@ class RPNLevel(NamedTuple):
 
     logits: Tensor  # [B, H*W*A] objectness
     deltas: Tensor  # [B, H*W*A, 4] box regression
-    anchors: Tensor  # [H*W*A, 4]
+    anchors: Tensor  # [B, H*W*A, 4], each image's own (see anchor_utils.anchor_strides)
     inside: Tensor  # [B, H*W*A] anchor centred inside the image's real extent (not in the padding)
 
 
@@ -45,9 +45,10 @@ class RegionProposalNetwork(nn.Module):
         batch_size_per_image: int = 256,
         positive_fraction: float = 0.5,
         score_thresh: float = 0.0,
+        conv_depth: int = 1,
     ):
         super().__init__()
-        self.head = RPNHead(in_channels, len(ASPECT_RATIOS))
+        self.head = RPNHead(in_channels, len(ASPECT_RATIOS), conv_depth=conv_depth)
         self.pre_nms_top_n = pre_nms_top_n or {"training": 2000, "testing": 1000}
         self.post_nms_top_n = post_nms_top_n or {"training": 2000, "testing": 1000}
         self.nms_thresh = nms_thresh
@@ -64,11 +65,12 @@ class RegionProposalNetwork(nn.Module):
         self, features: list[Tensor], image_sizes: Tensor, targets: list[dict[str, Tensor]] | None = None
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Proposals [B, P, 4], their validity [B, P], and (training) the RPN losses."""
-        logits, deltas = self.head(features)
+        logits, deltas = self.head_outputs(features, image_sizes)
         levels = []
         for level_logits, level_deltas, stride, size in zip(logits, deltas, FPN_STRIDES, ANCHOR_SIZES, strict=True):
             b, a, h, w = level_logits.shape
-            anchors = grid_anchors(h, w, stride, cell_anchors(size).to(level_logits.device))
+            cells = cell_anchors(size).to(level_logits)
+            anchors = grid_anchors(h, w, anchor_strides(image_sizes, stride), cells)
             inside = valid_mask(image_sizes, stride, h, w, torch.bool)[:, 0, :, :, None].expand(b, h, w, a)
             levels.append(
                 RPNLevel(
@@ -86,6 +88,22 @@ class RegionProposalNetwork(nn.Module):
             losses = self.loss(levels, targets)
         return proposals, valid, losses
 
+    def head_outputs(self, features: list[Tensor], image_sizes: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's RPNHead on each level, padding-invariant: the FPN's features are zero outside each
+        image, but a 3x3 convolution's output is not (its bias), so when a second one reads it (v2's
+        two-convolution head) it is zeroed there first."""
+        masks = PaddingMasks(image_sizes)
+        *inner, last = self.head.conv  # Conv2dNormActivation blocks: a 3x3 convolution and a ReLU
+        logits, deltas = [], []
+        for feature, stride in zip(features, FPN_STRIDES, strict=True):
+            x = feature
+            for block in inner:
+                x = masks.relu(block[0](x), stride)
+            x = last(x)
+            logits.append(self.head.cls_logits(x))
+            deltas.append(self.head.bbox_pred(x))
+        return logits, deltas
+
     def select_proposals(self, levels: list[RPNLevel], image_sizes: Tensor) -> tuple[Tensor, Tensor]:
         """Top-k anchors per level, decoded, clipped, NMS within each level, top-k overall."""
         boxes, logits, level_ids = [], [], []
@@ -94,7 +112,8 @@ class RegionProposalNetwork(nn.Module):
             k = torch.sym_min(self.pre_nms_top_n[self._mode()], scores.shape[1])
             top, idx = scores.topk(k, dim=1)
             picked = lv.deltas.detach().gather(1, idx[..., None].expand(-1, -1, 4))
-            boxes.append(box_coder.decode(picked, lv.anchors[idx], RPN_BOX_WEIGHTS)[..., 0, :])
+            anchors = lv.anchors.gather(1, idx[..., None].expand(-1, -1, 4))
+            boxes.append(box_coder.decode(picked, anchors, RPN_BOX_WEIGHTS)[..., 0, :])
             logits.append(top)
             level_ids.append(torch.full_like(idx[0], level))
         boxes = box_coder.clip_to_size(torch.cat(boxes, 1), image_sizes)
@@ -116,9 +135,9 @@ class RegionProposalNetwork(nn.Module):
         """Objectness BCE and smooth-L1 box loss over 256 sampled anchors per image (half positive at most)."""
         logits = torch.cat([lv.logits for lv in levels], 1)
         deltas = torch.cat([lv.deltas for lv in levels], 1)
-        anchors = torch.cat([lv.anchors for lv in levels], 0)
+        anchors = torch.cat([lv.anchors for lv in levels], 1)
         inside = torch.cat([lv.inside for lv in levels], 1)
-        gt_boxes, _, gt_valid = pad_targets(targets, logits.device)
+        gt_boxes, _, gt_valid = pad_targets(targets, logits.device, logits.dtype)
         matches = match(pairwise_iou(anchors, gt_boxes), gt_valid, self.fg_iou_thresh, self.bg_iou_thresh, True)
         # Matched anchors are positive, those below the low threshold negative, the rest ignored (-1).
         labels = torch.where(matches >= 0, 1, torch.where(matches == BELOW_LOW_THRESHOLD, 0, -1))
@@ -127,7 +146,7 @@ class RegionProposalNetwork(nn.Module):
         sampled = positive | negative
         num_sampled = sampled.sum().clamp(min=1)
         matched_gt = gt_boxes.gather(1, matches.clamp(min=0)[..., None].expand(-1, -1, 4))
-        targets_reg = box_coder.encode(matched_gt[positive], anchors.expand_as(matched_gt)[positive], RPN_BOX_WEIGHTS)
+        targets_reg = box_coder.encode(matched_gt[positive], anchors[positive], RPN_BOX_WEIGHTS)
         box_loss = F.smooth_l1_loss(deltas[positive], targets_reg, beta=box_coder.SMOOTH_L1_BETA, reduction="sum")
         box_loss = box_loss / num_sampled
         objectness_loss = F.binary_cross_entropy_with_logits(logits[sampled], labels[sampled].to(logits.dtype))

@@ -90,6 +90,62 @@ def model_inputs(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(batch), torch.from_numpy(sizes)
 
 
+# v2's box head normalizes its features, so with random weights every class scores about 1/91 (all
+# scores within 0.019-0.022, ties everywhere): its classifier's weights are scaled up so that the best
+# scores spread to ~0.08 and tens of detections pass a 0.06 threshold.
+CLASSIFIER_GAIN = {"r50_fpn": 1.0, "r50_fpn_v2": 3.0}
+
+
+def torchvision_model(arch: str, seed: int = 0, calibration: torch.Tensor | None = None, **kwargs) -> torch.nn.Module:
+    """torchvision's Mask R-CNN for ``arch`` (``r50_fpn`` or ``r50_fpn_v2``) in eval mode, with random weights
+    (``seed``) and batch norms calibrated on ``calibration`` (normalized images; default: two random 320 x 320
+    ones); ``kwargs`` go to torchvision's builder."""
+    import torch
+    from torchvision.models import get_model
+
+    from model.architectures import architecture
+    from model.backbone import calibrate_batch_norms, random_images
+
+    torch.manual_seed(seed)
+    builder = architecture(arch).torchvision_builder
+    tv = get_model(builder, weights=None, weights_backbone=None, **kwargs).eval()
+    calibrate_batch_norms(tv.backbone, random_images(320) if calibration is None else calibration)
+    with torch.no_grad():
+        tv.roi_heads.box_predictor.cls_score.weight.mul_(CLASSIFIER_GAIN[arch])
+    return tv
+
+
+def torchvision_detections(tv: torch.nn.Module, image: torch.Tensor) -> dict[str, np.ndarray]:
+    """torchvision's detections of one uint8 image [3, H, W] as our graph's outputs for a batch of one: rows
+    zero-padded to torchvision's detections per image, masks m x m (before torchvision pastes them).
+
+    One departure from torchvision's forward: its backbone reads the image without the padding its
+    transform adds. torchvision's forward is not padding-invariant (near a padded edge its convolutions read
+    the padding's batch-norm shifts); ours is by design. Its RPN gets the padded batch, so the anchors are
+    exactly those torchvision derives for it. For an image that needs no padding nothing departs."""
+    import torch
+
+    with torch.no_grad():
+        images, _ = tv.transform([image.float() / 255])
+        assert images.image_sizes == [tuple(image.shape[1:])]  # at the policy's size already: not resized
+        h, w = images.image_sizes[0]
+        features = tv.backbone(images.tensors[:, :, :h, :w])
+        proposals, _ = tv.rpn(images, features)
+        (found,), _ = tv.roi_heads(features, proposals, images.image_sizes)
+    d, n = tv.roi_heads.detections_per_img, len(found["boxes"])
+    out = {
+        "boxes": np.zeros((1, d, 4), np.float32),
+        "scores": np.zeros((1, d), np.float32),
+        "labels": np.zeros((1, d), np.int64),
+        "masks": np.zeros((1, d, *found["masks"].shape[-2:]), np.float32),
+        "num_detections": np.array([n]),
+    }
+    for key in ("boxes", "scores", "labels"):
+        out[key][0, :n] = found[key].numpy()
+    out["masks"][0, :n] = found["masks"][:, 0].numpy()
+    return out
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two binary masks; two empty masks count as identical."""
     union = np.logical_or(a, b).sum()

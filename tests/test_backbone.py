@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.backbone import ResNetFPN, _Masks, replicate_edges, valid_extent, valid_mask
+from model.backbone import PaddingMasks, ResNetFPN, replicate_edges, valid_extent, valid_mask
 
 
 def test_valid_extent_is_ceil_of_size_over_stride():
@@ -50,16 +50,17 @@ def test_masks_relu_and_zero():
     x = _feature()
     sizes = torch.tensor([[8, 6], [12, 14]])  # at stride 2: 4 x 3 and 6 x 7
     inside = valid_mask(sizes, 2, 6, 7, torch.bool)
-    masks = _Masks(sizes)
+    masks = PaddingMasks(sizes)
     assert torch.equal(masks.relu(x, 2), torch.where(inside, F.relu(x), 0.0))
     assert torch.equal(masks.zero(x, 2), torch.where(inside, x, 0.0))
     assert (masks.relu(x, 2)[0, :, 4:] == 0).all() and (masks.relu(x, 2)[0, :, :, 3:] == 0).all()
 
 
-def _backbone() -> ResNetFPN:
-    """A slim R-18-FPN whose batch norms shift and scale (random statistics), so padding would leak into borders."""
+def _backbone(fpn_norm: bool) -> ResNetFPN:
+    """A slim R-18-FPN whose batch norms shift and scale (random statistics), so padding would leak into
+    borders; with ``fpn_norm`` the FPN has them too (torchvision's v2), whose shifts land in the padding."""
     torch.manual_seed(0)
-    backbone = ResNetFPN("r18_fpn", norm="bn", width=32, fpn_channels=32).eval()
+    backbone = ResNetFPN(18, torch.nn.BatchNorm2d, width=32, fpn_channels=32, fpn_norm=fpn_norm).eval()
     for module in backbone.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -69,9 +70,12 @@ def _backbone() -> ResNetFPN:
     return backbone
 
 
+@pytest.mark.parametrize("fpn_norm", [False, True], ids=["fpn", "fpn-with-batch-norm"])
 @pytest.mark.parametrize("size", [(96, 128), (70, 90)], ids=["unpadded-alone", "padded-alone"])
-def test_features_alone_equal_features_in_a_padded_batch(size):
-    backbone = _backbone()
+def test_features_alone_equal_features_in_a_padded_batch(size, fpn_norm):
+    backbone = _backbone(fpn_norm)
+    if fpn_norm:
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.fpn.modules())
     h, w = size
     alone_h, alone_w = h + (-h % 32), w + (-w % 32)
     image = torch.randn(3, h, w, generator=torch.Generator().manual_seed(1))

@@ -1,16 +1,23 @@
-"""The whole model: padding invariance, fixed-size outputs, and a short training run."""
+"""The whole model: padding invariance, float64, fixed-size outputs, and a short training run."""
+
+import copy
 
 import pytest
 import torch
 
+from export.verification import compare
 from model import build_model
+from model.anchor_utils import anchor_strides
 from tests.helpers import model_inputs, scene, training_batch
 
 
 @pytest.mark.parametrize("size", [(160, 224), (150, 203)], ids=["unpadded-alone", "padded-alone"])
 def test_padding_does_not_change_detections(size):
     """An image alone and inside a batch padded for a larger image give the same detections, both
-    when it needs no padding alone (size a multiple of 32) and when it does."""
+    when it needs no padding alone (size a multiple of 32) and when it does. Its P6 anchors are its own
+    (padded to 160 rows: 160 // 3 = 53 px apart), not the batch's (288 // 5 = 57 px)."""
+    assert anchor_strides(torch.tensor([size]), 64)[0, 0] == 53
+    assert anchor_strides(torch.tensor([[288, 352]]), 64)[0, 0] == 57
     torch.manual_seed(0)
     model = build_model("r18_fpn", 5, score_thresh=0.0).eval()
     small = torch.randint(0, 256, (3, *size), dtype=torch.uint8)
@@ -24,6 +31,21 @@ def test_padding_does_not_change_detections(size):
     assert (alone["scores"][0, :n] - together["scores"][1, :n]).abs().max() <= 1e-4
     assert torch.equal(alone["labels"][0, :n], together["labels"][1, :n])
     assert (alone["masks"][0, :n] - together["masks"][1, :n]).abs().max() <= 1e-3
+
+
+def test_float64_runs_and_agrees_with_float32():
+    """The exporter measures float32's noise against the model in float64, so nothing in it may assume
+    float32 (normalization, the padding masks' bias, sentinels, anchors, thresholds)."""
+    torch.manual_seed(0)
+    model = build_model("r18_fpn", 5, score_thresh=0.0).eval()
+    images, sizes = model_inputs([torch.randint(0, 256, (3, 150, 203), dtype=torch.uint8)] * 2)
+    with torch.no_grad():
+        single = model(images, sizes)
+        double = copy.deepcopy(model).double()(images, sizes)
+    assert all(double[k].dtype == torch.float64 for k in ("boxes", "scores", "masks"))
+    result = compare(*({k: v.numpy() for k, v in out.items()} for out in (double, single)), nms_threshold=0.5)
+    assert result.paired == 200 and not result.unpaired
+    assert result.figures.box <= 1e-5 and result.figures.score <= 1e-6 and result.figures.mask <= 1e-6
 
 
 def test_outputs_are_fixed_size_and_zero_past_num_detections():

@@ -11,12 +11,13 @@ from export.onnx_ops import translation_table
 
 
 class RoiAlign(nn.Module):
-    def __init__(self, aligned: bool):
+    def __init__(self, sampling_ratio: int, aligned: bool):
         super().__init__()
+        self.sampling_ratio = sampling_ratio
         self.aligned = aligned
 
     def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        return torch.ops.maskrcnn.roi_align(features, rois, 0.25, 7, 6, 2, self.aligned)
+        return torch.ops.maskrcnn.roi_align(features, rois, 0.25, 7, 6, self.sampling_ratio, self.aligned)
 
 
 class MulticlassNms(nn.Module):
@@ -51,22 +52,26 @@ def _rois(k: int, batch: int, height: int, width: int, seed: int) -> torch.Tenso
     """[K, 5] RoIs in input pixels (stride 4), some crossing the map's border."""
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(k, 2, generator=g) * torch.tensor([width * 4.0, height * 4.0]) - 8
-    wh = torch.rand(k, 2, generator=g) * 40 + 0.5
+    wh = torch.rand(k, 2, generator=g) * 100 + 0.5
     return torch.cat([torch.randint(0, batch, (k, 1), generator=g).float(), xy, xy + wh], 1)
 
 
 @pytest.mark.parametrize("aligned", [True, False])
-def test_roi_align_runs_in_onnx_runtime_on_another_shape(aligned):
+@pytest.mark.parametrize("sampling_ratio", [2, 0], ids=["fixed", "adaptive"])
+def test_roi_align_runs_in_onnx_runtime_on_another_shape(sampling_ratio, aligned):
+    """Fixed sampling, and adaptive sampling (ONNX's sampling_ratio=0: the RoIs here take 1 to 5 samples
+    per bin side at 7 x 6 bins on a quarter-scale map, so several counts occur in one call)."""
     sample = (torch.randn(2, 4, 16, 20), _rois(6, 2, 16, 20, seed=0))
     dims = {"features": {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}, "rois": {0: Dim("rois")}}
-    graph_model = _export(RoiAlign(aligned), sample, dims)
+    graph_model = _export(RoiAlign(sampling_ratio, aligned), sample, dims)
     (node,) = [n for n in graph_model.graph.node if n.op_type == "RoiAlign"]
-    mode = next(a.s.decode() for a in node.attribute if a.name == "coordinate_transformation_mode")
-    assert mode == ("half_pixel" if aligned else "output_half_pixel")
+    attributes = {a.name: a for a in node.attribute}
+    assert attributes["coordinate_transformation_mode"].s.decode() == ("half_pixel" if aligned else "output_half_pixel")
+    assert attributes["sampling_ratio"].i == sampling_ratio
     assert not _custom_domains(graph_model)
     features, rois = torch.randn(3, 4, 24, 18), _rois(40, 3, 24, 18, seed=1)
     (ours,) = _run(graph_model, features, rois)
-    expected = torch.ops.maskrcnn.roi_align(features, rois, 0.25, 7, 6, 2, aligned)
+    expected = torch.ops.maskrcnn.roi_align(features, rois, 0.25, 7, 6, sampling_ratio, aligned)
     assert ours.shape == (40, 4, 7, 6)
     torch.testing.assert_close(torch.from_numpy(ours), expected, rtol=1e-5, atol=1e-5)
 

@@ -1,11 +1,15 @@
-"""The custom RoIAlign op against torchvision.ops.roi_align, its autograd, and its registration."""
+"""The custom RoIAlign op against torchvision.ops.roi_align and against torchvision's formula written out
+as a plain loop, with fixed and adaptive sampling, in float16/32/64; its autograd; its registration."""
+
+import functools
+import math
 
 import pytest
 import torch
 import torchvision
 
 from model.backbone import POOLED_STRIDES
-from model.roi_align import MultiScaleRoIAlign, fpn_level_of_rois, roi_align
+from model.roi_align import MultiScaleRoIAlign, adaptive_groups, fpn_level_of_rois, roi_align
 
 
 def _rois() -> torch.Tensor:
@@ -69,11 +73,150 @@ def test_op_registration_is_consistent():
     rois = torch.tensor([[0, 1.0, 1.0, 8.0, 9.0], [1, 0.5, 2.0, 11.0, 7.0]])
     torch.library.opcheck(roi_align, (features, rois, 0.5, 7, 7, 2, True))
     torch.library.opcheck(roi_align, (features, rois, 1.0, 14, 14, 2, False))
+    torch.library.opcheck(roi_align, (features, rois, 1.0, 3, 4, 0, True))
+    torch.library.opcheck(roi_align, (features.double(), rois.double(), 0.5, 3, 4, 0, False))
 
 
-def test_invalid_sampling_ratio_is_refused():
-    with pytest.raises(ValueError, match="sampling_ratio"):
-        roi_align(torch.randn(1, 1, 4, 4), torch.zeros(1, 5), 1.0, 2, 2, 0, True)
+def _bilinear(feature: torch.Tensor, y: float, x: float) -> torch.Tensor:
+    """torchvision's bilinear_interpolate at (y, x) of ``feature`` [C, H, W] -> [C]: zero beyond one pixel
+    outside the map, clamped to the border within it."""
+    _, height, width = feature.shape
+    if y < -1.0 or y > height or x < -1.0 or x > width:
+        return feature.new_zeros(feature.shape[0])
+    y, x = max(y, 0.0), max(x, 0.0)
+    y_low, x_low = int(y), int(x)
+    if y_low >= height - 1:
+        y_low = y_high = height - 1
+        y = float(y_low)
+    else:
+        y_high = y_low + 1
+    if x_low >= width - 1:
+        x_low = x_high = width - 1
+        x = float(x_low)
+    else:
+        x_high = x_low + 1
+    ly, lx = y - y_low, x - x_low
+    hy, hx = 1.0 - ly, 1.0 - lx
+    return (
+        hy * hx * feature[:, y_low, x_low]
+        + hy * lx * feature[:, y_low, x_high]
+        + ly * hx * feature[:, y_high, x_low]
+        + ly * lx * feature[:, y_high, x_high]
+    )
+
+
+def reference_roi_align(features, rois, scale, pooled, sampling_ratio, aligned) -> torch.Tensor:
+    """torchvision's RoIAlign, one RoI, bin and sample at a time, in float64."""
+    features = features.double()
+    out = torch.zeros(rois.shape[0], features.shape[1], *pooled, dtype=torch.float64)
+    offset = 0.5 if aligned else 0.0
+    for k, (b, x1, y1, x2, y2) in enumerate(rois.double().tolist()):
+        x1, y1 = x1 * scale - offset, y1 * scale - offset
+        roi_w, roi_h = x2 * scale - offset - x1, y2 * scale - offset - y1
+        if not aligned:
+            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+        bin_h, bin_w = roi_h / pooled[0], roi_w / pooled[1]
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / pooled[0])
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / pooled[1])
+        for i in range(pooled[0]):
+            for j in range(pooled[1]):
+                total = torch.zeros(features.shape[1], dtype=torch.float64)
+                for iy in range(grid_h):
+                    y = y1 + i * bin_h + (iy + 0.5) * bin_h / grid_h
+                    for ix in range(grid_w):
+                        total += _bilinear(features[int(b)], y, x1 + j * bin_w + (ix + 0.5) * bin_w / grid_w)
+                out[k, :, i, j] = total / max(grid_h * grid_w, 1)
+    return out
+
+
+SCALE, POOLED = 0.5, (3, 4)
+TOLERANCE = {torch.float16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def _smooth_features() -> torch.Tensor:
+    """[2, 3, 20, 26]: a smooth field plus a little noise, so that float16's rounding of sample positions
+    (about 1e-2 px here) moves the interpolated values by less than the float16 tolerance."""
+    y = torch.arange(20.0)[:, None]
+    x = torch.arange(26.0)[None, :]
+    channels = torch.arange(3.0)[:, None, None]
+    field = torch.stack([torch.sin(0.3 * y + 0.2 * x + channels), torch.cos(0.25 * y - 0.15 * x + channels)])
+    return field + 0.05 * torch.randn(2, 3, 20, 26, generator=torch.Generator().manual_seed(0))
+
+
+def _adaptive_rois() -> torch.Tensor:
+    """RoIs in input pixels (scale 0.5) on multiples of 1/8, exact in float16: 1 to 7 samples per bin side,
+    some crossing the border, one empty and one inverted (no samples when aligned)."""
+    g = torch.Generator().manual_seed(3)
+    xy = torch.randint(-16, 40, (10, 2), generator=g) / 8 * 8 + torch.randint(0, 8, (10, 2), generator=g) / 8
+    wh = torch.randint(2, 56, (10, 2), generator=g).float()
+    rois = torch.cat([torch.randint(0, 2, (10, 1), generator=g).float(), xy, xy + wh], 1)
+    extra = torch.tensor([[1, 10.0, 6.0, 10.0, 20.0], [0, 12.0, 8.0, 9.0, 30.0], [1, 30.0, 20.0, 52.0, 40.0]])
+    return torch.cat([rois, extra])
+
+
+@functools.cache
+def _reference(sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    return reference_roi_align(_smooth_features(), _adaptive_rois(), SCALE, POOLED, sampling_ratio, aligned)
+
+
+def test_adaptive_rois_cover_several_sample_counts():
+    groups = adaptive_groups(_adaptive_rois(), 3, SCALE, POOLED, aligned=True)
+    counts = {samples for samples, _ in groups}
+    assert len(counts) >= 6 and max(max(c) for c in counts) >= 5
+    assert sum(len(index) for _, index in groups) == len(_adaptive_rois()) - 2  # the empty and the inverted RoI
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, -1, 2])
+def test_matches_torchvisions_formula(dtype, aligned, sampling_ratio):
+    features, rois = _smooth_features().to(dtype), _adaptive_rois().to(dtype)
+    ours = roi_align(features, rois, SCALE, *POOLED, sampling_ratio, aligned)
+    assert ours.dtype == dtype
+    reference = _reference(max(sampling_ratio, 0), aligned)
+    assert (ours.double() - reference).abs().max().item() <= TOLERANCE[dtype]
+    ref = torchvision.ops.roi_align(features, rois, POOLED, SCALE, max(sampling_ratio, 0), aligned)
+    assert (ours.double() - ref.double()).abs().max().item() <= TOLERANCE[dtype]
+    if aligned and sampling_ratio <= 0:
+        assert not ours[-3:-1].any()  # no samples: zero, as in torchvision
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_non_contiguous_inputs(sampling_ratio):
+    features = _smooth_features().transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    rois = torch.cat([_adaptive_rois(), torch.zeros(13, 3)], 1)[:, :5]
+    assert not features.is_contiguous() and not rois.is_contiguous()
+    ours = roi_align(features, rois, SCALE, *POOLED, sampling_ratio, True)
+    assert torch.equal(ours, roi_align(features.contiguous(), rois.contiguous(), SCALE, *POOLED, sampling_ratio, True))
+    assert (ours.double() - _reference(sampling_ratio, True)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_adaptive_gradients_match_torchvision(aligned):
+    base, rois = _smooth_features(), _adaptive_rois()
+    ours_in, ref_in = base.clone().requires_grad_(), base.clone().requires_grad_()
+    upstream = torch.randn(rois.shape[0], 3, *POOLED, generator=torch.Generator().manual_seed(4))
+    (roi_align(ours_in, rois, SCALE, *POOLED, 0, aligned) * upstream).sum().backward()
+    (torchvision.ops.roi_align(ref_in, rois, POOLED, SCALE, 0, aligned) * upstream).sum().backward()
+    assert ref_in.grad.abs().max() > 0.1
+    assert (ours_in.grad - ref_in.grad).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_adaptive_gradcheck_float64(aligned):
+    features = torch.randn(2, 2, 9, 11, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 1.3, 2.2, 17.9, 6.1], [1, -2.0, 0.5, 4.0, 16.0]], dtype=torch.float64)
+    # fast_mode: one random projection of the Jacobian instead of a column per input element.
+    assert torch.autograd.gradcheck(lambda f: roi_align(f, rois, 0.9, 3, 2, 0, aligned), (features,), fast_mode=True)
+
+
+def test_adaptive_chunks_give_the_same_result(monkeypatch):
+    """Large adaptive groups are pooled in chunks; the chunk size changes nothing."""
+    features, rois = _smooth_features(), _adaptive_rois()
+    whole = roi_align(features, rois, SCALE, *POOLED, 0, True)
+    monkeypatch.setattr("model.roi_align.MAX_CHUNK_SAMPLES", 1)
+    assert len(adaptive_groups(rois, 3, SCALE, POOLED, True)) == len(rois) - 2  # one RoI per chunk
+    assert torch.equal(roi_align(features, rois, SCALE, *POOLED, 0, True), whole)
 
 
 def test_fpn_level_assignment():
