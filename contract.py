@@ -60,6 +60,9 @@ class GraphMetadata:
     nms_threshold: float = DEFAULT_NMS_THRESHOLD
     detections_per_image: int = DEFAULT_DETECTIONS_PER_IMAGE
     weights: str = "float32"  # or "float16" when the file stores its weights half-size
+    # Empty for a float graph; for an int8 one (python -m export.quantize) a JSON object: the recipe,
+    # which node families are int8 and which float, the calibration method and image count.
+    quantization: str = ""
 
     def to_props(self) -> dict[str, str]:
         return {
@@ -77,7 +80,7 @@ class GraphMetadata:
             "detections_per_image": str(self.detections_per_image),
             "normalization": "in_graph",
             "weights": self.weights,
-        }
+        } | ({"quantization": self.quantization} if self.quantization else {})
 
     @classmethod
     def from_props(cls, props: dict[str, str], default_name: str) -> GraphMetadata:
@@ -105,6 +108,7 @@ class GraphMetadata:
                 nms_threshold=float(props.get("nms_threshold", DEFAULT_NMS_THRESHOLD)),
                 detections_per_image=int(props.get("detections_per_image", DEFAULT_DETECTIONS_PER_IMAGE)),
                 weights=props.get("weights", "float32"),
+                quantization=props.get("quantization", ""),
             )
         except ValueError as exc:
             raise MetadataError(f"bad metadata: {exc}") from None
