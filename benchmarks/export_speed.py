@@ -28,7 +28,6 @@ from benchmarks import machine, write_section
 from contract import OUTPUT_NAMES, pad_batch
 
 THREADS = 2
-ENGINES = ("torchvision", "ours")
 CASES = [("800x1333, batch 1", 800, 1333, 1), ("512x512, batch 4", 512, 512, 4)]
 PER_IMAGE_BATCHES = (1, 4)
 
@@ -107,14 +106,15 @@ def _onnx_forward(session, height: int, width: int, batch: int):
     return forward
 
 
-def engine_worker(engine: str, path: Path, case: tuple, conn: Connection) -> None:
-    """A long-lived child running one engine: builds it once, warms it up, then answers each request
-    on ``conn`` with the seconds of one forward pass, and finally with its peak RSS in MiB."""
+def engine_worker(path: Path | None, case: tuple, conn: Connection) -> None:
+    """A long-lived child running one engine (torchvision eager when ``path`` is None, else the graph at
+    ``path``): builds it once, warms it up, then answers each request on ``conn`` with the seconds of one
+    forward pass, and finally with its peak RSS in MiB."""
     import torch
 
     torch.set_num_threads(THREADS)
     _, height, width, batch = case
-    if engine == "torchvision":
+    if path is None:
         forward = _torchvision_forward(height, width, batch)
     else:
         forward = _onnx_forward(_onnx_session(path), height, width, batch)
@@ -127,18 +127,19 @@ def engine_worker(engine: str, path: Path, case: tuple, conn: Connection) -> Non
     conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def compare(path: Path, case: tuple, rounds: int) -> dict:
-    """torchvision and ours alternating, one forward each per round, each engine in its own waiting child
-    (only one runs at a time), so that both see the same machine and drift cancels in each round's ratio."""
+def alternate(engines: dict[str, Path | None], case: tuple, rounds: int) -> tuple[dict[str, list[float]], dict]:
+    """Engines (name -> graph path, None for torchvision) alternating, one forward each per round, each in
+    its own waiting child (only one runs at a time), so that all see the same machine and drift cancels
+    in each round's ratios. Returns each engine's seconds per round and its peak RSS in MiB."""
     ctx = mp.get_context("spawn")
     pipes, children = {}, []
-    for engine in ENGINES:
+    for engine, path in engines.items():
         parent_end, child_end = ctx.Pipe()
-        children.append(ctx.Process(target=engine_worker, args=(engine, path, case, child_end)))
+        children.append(ctx.Process(target=engine_worker, args=(path, case, child_end)))
         children[-1].start()
         assert parent_end.recv() == "ready"  # built one after the other: peak memory is not shared
         pipes[engine] = parent_end
-    times: dict[str, list[float]] = {engine: [] for engine in ENGINES}
+    times: dict[str, list[float]] = {engine: [] for engine in engines}
     for _ in range(rounds):
         for engine, conn in pipes.items():
             conn.send(True)
@@ -148,11 +149,23 @@ def compare(path: Path, case: tuple, rounds: int) -> dict:
         conn.send(False)
         peak_mb[engine] = conn.recv()
         child.join()
-    ratios = [tv / ours for tv, ours in zip(times["torchvision"], times["ours"], strict=True)]
+    return times, peak_mb
+
+
+def ratio_stats(slower: list[float], faster: list[float]) -> tuple[float, float, float]:
+    """Median, min and max of the per-round ratios slower / faster."""
+    ratios = [s / f for s, f in zip(slower, faster, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def compare(path: Path, case: tuple, rounds: int) -> dict:
+    """torchvision and ours alternating (see ``alternate``)."""
+    times, peak_mb = alternate({"torchvision": None, "ours": path}, case, rounds)
+    ratio, low, high = ratio_stats(times["torchvision"], times["ours"])
     return {
         "ms": {engine: statistics.median(t) * 1000 for engine, t in times.items()},
-        "ratio": statistics.median(ratios),
-        "ratio_range": (min(ratios), max(ratios)),
+        "ratio": ratio,
+        "ratio_range": (low, high),
         "peak_mb": peak_mb,
     }
 
