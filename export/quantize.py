@@ -189,9 +189,16 @@ def int8_nodes(graph_model: onnx.ModelProto, recipe: Recipe) -> list[str]:
     ]
 
 
-def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+def _constant(
+    graph: onnx.GraphProto, name: str, producer: dict[str, onnx.NodeProto] | None = None
+) -> np.ndarray | None:
+    """The initializer ``name``; with ``producer``, also a constant broadcast by an ``Expand`` (the exporter's
+    form of ``new_full``), as its unbroadcast value."""
     init = next((i for i in graph.initializer if i.name == name), None)
-    return None if init is None else onnx.numpy_helper.to_array(init)
+    if init is not None:
+        return onnx.numpy_helper.to_array(init)
+    source = (producer or {}).get(name)
+    return _constant(graph, source.input[0]) if source is not None and source.op_type == "Expand" else None
 
 
 def masks_as_multiplies(graph_model: onnx.ModelProto) -> list[str]:
@@ -225,7 +232,8 @@ def masks_as_multiplies(graph_model: onnx.ModelProto) -> list[str]:
         if source.op_type == "Cast" and all(use.op_type == "Mul" for use in uses):  # a 0/1 mask: broadcast it
             replaced[conv.output[0]] = conv.input[0]
             multiplies += [use.name for use in uses]
-        elif source.op_type == "Where" and _is_bias(graph, source) and all(_relu_after(use, consumers) for use in uses):
+        elif (source.op_type == "Where" and _is_bias(graph, source, producer)
+              and all(_relu_after(use, consumers) for use in uses)):
             mask = f"{conv.output[0]}__mask01"
             after[conv.name] = [onnx.helper.make_node(
                 "Cast", [source.input[0]], [mask], name=f"{conv.name}__mask01", to=onnx.TensorProto.FLOAT
@@ -318,9 +326,9 @@ def upsampling_as_conv(graph_model: onnx.ModelProto) -> list[str]:
     return [chain[0].name for name, chain in replace.items() if chain]
 
 
-def _is_bias(graph: onnx.GraphProto, where: onnx.NodeProto) -> bool:
+def _is_bias(graph: onnx.GraphProto, where: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> bool:
     """``Where(inside, 0, most negative float)``: the additive mask."""
-    inside, outside = _constant(graph, where.input[1]), _constant(graph, where.input[2])
+    inside, outside = (_constant(graph, name, producer) for name in where.input[1:])
     return inside is not None and outside is not None and (inside == 0).all() and (outside <= -1e38).all()
 
 

@@ -638,7 +638,9 @@ def test_compose_brings_up_the_stack(engine: Engine, images: Images):
                 with contextlib.suppress(httpx.HTTPError):
                     r = c.post(f"http://127.0.0.1:{lb_port}/segment", files=upload)
                     if r.status_code == 200:
-                        upstreams.add(r.headers["x-upstream"])
+                        # $upstream_addr lists every replica tried ("a:8000, b:8000" after a retry);
+                        # the last one answered.
+                        upstreams.add(r.headers["x-upstream"].split(",")[-1].strip())
                         continue
                 time.sleep(0.5)
         deadline = time.monotonic() + 60
