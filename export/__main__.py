@@ -9,7 +9,7 @@ from pathlib import Path
 
 from contract import DEFAULT_DETECTIONS_PER_IMAGE, DEFAULT_NMS_THRESHOLD, DEFAULT_SCORE_THRESHOLD, GraphMetadata
 from export.exporter import DEFAULT_OPSET, ExportConfig, ExportError, export_model
-from model.backbone import RESNET_DEPTHS
+from model.architectures import ARCHITECTURES
 from model.checkpoint import CheckpointError, LoadedModel, load_model
 
 
@@ -17,7 +17,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="torchvision state dict or model.train checkpoint")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--arch", choices=sorted(RESNET_DEPTHS), default=None, help="default: the checkpoint's, or r50_fpn")
+    p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None, help="default: the checkpoint's, or r50_fpn")
     p.add_argument("--num-classes", type=int, default=None, help="background included (default: the checkpoint's)")
     p.add_argument("--class-names", type=Path, default=None, help="file with one name a line, background first")
     p.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD)
