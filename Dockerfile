@@ -7,13 +7,13 @@
 #                       -e MRCNN_MODEL_PATH=/models/model.onnx -p 8000:8000 mrcnn-service:cpu
 #
 # Stages: base-cpu / base-gpu (the interpreter) -> builder (a virtualenv with the serving
-# dependencies, compilers available) -> runtime (the virtualenv, the service, the demo model;
-# no compilers, no PyTorch, non-root). VARIANT picks the base; everything else is shared.
+# dependencies, from binary wheels) -> runtime (the virtualenv without pip, the service, the demo
+# model; no PyTorch, non-root). VARIANT picks the base; everything else is shared.
 
 ARG VARIANT=cpu
 # Pinned base images (for reproducible builds, pin by digest as well: image:tag@sha256:...).
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
-# CUDA 12 + cuDNN 9 runtime: what the onnxruntime-gpu wheels on PyPI are built against.
+# CUDA 12 + cuDNN 9 runtime: what the onnxruntime-gpu wheels that pyproject's `gpu` extra allows link.
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------
@@ -36,17 +36,15 @@ ARG VARIANT
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-# Compilers only here, for any dependency without a binary wheel; they never reach the runtime.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential \
-    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
 # 1) The serving dependencies: pyproject's core `dependencies` (no extras, so no torch). For the GPU
 #    variant, onnxruntime is replaced by the `gpu` extra's onnxruntime-gpu (both wheels install the
-#    same `onnxruntime` package, so only one of them may be present).
+#    same `onnxruntime` package, so only one of them may be present). Binary wheels only: every
+#    dependency publishes them for linux x86_64 and aarch64, so the build needs no compiler (a
+#    dependency that lost its wheel fails here, loudly, instead of compiling for minutes).
 COPY pyproject.toml ./
 RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 deps = p['dependencies']; \
@@ -55,14 +53,23 @@ if sys.argv[1] == 'gpu' else deps; \
 print('\n'.join(deps))" "${VARIANT}" > /tmp/requirements.txt \
     && cat /tmp/requirements.txt \
     && pip install --upgrade pip \
-    && pip install -r /tmp/requirements.txt
+    && pip install --only-binary=:all: -r /tmp/requirements.txt
 
 # 2) The service and the graph contract it reads, without touching the dependencies resolved above.
+#    Then pip and setuptools leave the venv: serving never installs anything (23 MB less at run time).
 COPY README.md contract.py ./
 COPY service ./service
+#    For the GPU variant, every library the CUDA provider links must be in the base (libcuda.so.1 is the
+#    driver's, mounted at run time by the NVIDIA Container Toolkit): a CUDA major the wheel was not built
+#    for fails here instead of serving on the CPU on a GPU machine.
 RUN pip install --no-deps . \
     && python -c "import onnxruntime, contract, service.app; print('providers:', onnxruntime.get_available_providers())" \
-    && ! python -c "import torch" 2>/dev/null
+    && ! python -c "import torch" 2>/dev/null \
+    && if [ "${VARIANT}" = gpu ]; then \
+         ldd /opt/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so > /tmp/cuda-libs \
+         && ! grep "not found" /tmp/cuda-libs | grep -v "libcuda\.so\.1"; \
+       fi \
+    && python -m pip uninstall -y pip setuptools
 
 # ---------------------------------------------------------------------------------------------
 FROM base-${VARIANT} AS runtime

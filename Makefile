@@ -4,7 +4,10 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint serve bench deploy-deps clean
+COCO_MODEL := models/coco/maskrcnn_v2.onnx
+MODEL ?=
+
+.PHONY: install test lint serve bench coco-model deploy-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +24,12 @@ test: $(STAMP) lint
 	$(VENV)/bin/pytest -q
 
 serve: $(STAMP)
-	$(PY) -m service --host 0.0.0.0 --port 8000
+	$(PY) -m service --host 0.0.0.0 --port 8000 $(if $(MODEL),--model $(MODEL))
+
+# torchvision's v2 COCO weights (47.4 box / 41.8 mask AP), fetched through torchvision's weights API into
+# TORCH_HOME (~/.cache/torch) once, exported and verified: then `make serve MODEL=models/coco/maskrcnn_v2.onnx`.
+coco-model: $(STAMP)
+	$(PY) -m export --weights MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1 --out $(COCO_MODEL)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.export_speed

@@ -60,6 +60,7 @@ class GraphMetadata:
     nms_threshold: float = DEFAULT_NMS_THRESHOLD
     detections_per_image: int = DEFAULT_DETECTIONS_PER_IMAGE
     weights: str = "float32"  # or "float16" when the file stores its weights half-size
+    verification: str = "unknown"  # how the exporter verified the file (CONTRACT.md), e.g. "float32 noise x4"
 
     def to_props(self) -> dict[str, str]:
         return {
@@ -77,6 +78,7 @@ class GraphMetadata:
             "detections_per_image": str(self.detections_per_image),
             "normalization": "in_graph",
             "weights": self.weights,
+            "verification": self.verification,
         }
 
     @classmethod
@@ -105,6 +107,7 @@ class GraphMetadata:
                 nms_threshold=float(props.get("nms_threshold", DEFAULT_NMS_THRESHOLD)),
                 detections_per_image=int(props.get("detections_per_image", DEFAULT_DETECTIONS_PER_IMAGE)),
                 weights=props.get("weights", "float32"),
+                verification=props.get("verification", "unknown"),
             )
         except ValueError as exc:
             raise MetadataError(f"bad metadata: {exc}") from None

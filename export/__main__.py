@@ -1,4 +1,5 @@
-"""``python -m export --checkpoint PATH --out model.onnx``: one verified, self-describing ONNX graph."""
+"""``python -m export --checkpoint PATH --out model.onnx`` or ``python -m export --weights NAME --out model.onnx``
+(torchvision's weights, e.g. MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1): one verified, self-describing ONNX graph."""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ from pathlib import Path
 
 from contract import DEFAULT_DETECTIONS_PER_IMAGE, DEFAULT_NMS_THRESHOLD, DEFAULT_SCORE_THRESHOLD, GraphMetadata
 from export.exporter import DEFAULT_OPSET, ExportConfig, ExportError, export_model
+from export.verification import DEFAULT_FACTOR
 from model.architectures import ARCHITECTURES
-from model.checkpoint import CheckpointError, LoadedModel, load_model
+from model.checkpoint import CheckpointError, LoadedModel, load_model, load_torchvision_weights
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="torchvision state dict or model.train checkpoint")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="torchvision state dict or model.train checkpoint")
+    source.add_argument(
+        "--weights",
+        help="torchvision weights name, e.g. MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1 (fetched through "
+        "torchvision's weights API into TORCH_HOME, hash-checked; architecture and class names from the weights)",
+    )
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=None, help="default: the checkpoint's, or r50_fpn")
     p.add_argument("--num-classes", type=int, default=None, help="background included (default: the checkpoint's)")
@@ -29,7 +37,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-name", default=None, help="default: the output file's stem")
     p.add_argument("--model-version", default="1")
     p.add_argument("--fp16-weights", action="store_true", help="store weights as float16 (compute stays float32)")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        metavar="FACTOR",
+        help=f"let ONNX Runtime be FACTOR x float32's measured noise away from PyTorch (default {DEFAULT_FACTOR:g}); "
+        "a warning, recorded in the file's metadata",
+    )
+    p.add_argument(
+        "--skip-verify",
+        action="store_true",
+        help="do not compare the graph with PyTorch; a warning, recorded in the file's metadata",
+    )
+    args = p.parse_args(argv)
+    if args.tolerance is not None and not args.tolerance > 0:
+        p.error("--tolerance must be positive")
+    return args
 
 
 def class_names(args: argparse.Namespace, loaded: LoadedModel) -> list[str]:
@@ -62,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     try:
-        print(f"load: {args.checkpoint}")
-        loaded = load_model(
-            args.checkpoint,
+        print(f"load: {args.checkpoint or args.weights}")
+        load = load_model if args.checkpoint else load_torchvision_weights
+        loaded = load(
+            args.checkpoint or args.weights,
             args.arch,
             args.num_classes,
             score_thresh=args.score_threshold,
@@ -73,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"  {loaded.source} checkpoint, {loaded.arch}, {loaded.num_classes} classes")
         meta = graph_metadata(args, loaded)
-        results = export_model(loaded.model, args.out, ExportConfig(meta, args.opset))
+        config = ExportConfig(meta, args.opset, tolerance=args.tolerance, skip_verify=args.skip_verify)
+        export_model(loaded.model, args.out, config)
     except (CheckpointError, ExportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -82,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         f"done: {args.out} ({size_mb:.1f} MiB) in {time.perf_counter() - started:.0f} s; "
         f"inputs images uint8 [B,3,H,W], image_sizes int64 [B,2], score_threshold float32 [B] (optional); "
         f"outputs boxes, scores, labels, masks [B,{meta.detections_per_image},{meta.mask_size},{meta.mask_size}], "
-        f"num_detections; verified on {len(results)} samples"
+        f"num_detections; verification: {config.verification}"
     )
     return 0
 

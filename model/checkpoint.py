@@ -1,20 +1,39 @@
-"""Loading weights: torchvision's ``maskrcnn_resnet50_fpn`` state dict (the COCO checkpoint users
-already have) or a checkpoint written by ``model.train``, recognized by their contents.
+"""Loading weights: a torchvision state dict (``maskrcnn_resnet50_fpn`` or ``maskrcnn_resnet50_fpn_v2``,
+from a file or fetched by name through torchvision's weights API) or a checkpoint written by
+``model.train``, recognized by their contents.
 
-``load_model`` resolves everything a checkpoint implies (architecture, classes and their names, input
-size policy), so the exporter and the evaluation read these facts instead of re-deriving them.
+``load_model`` and ``load_torchvision_weights`` resolve everything a checkpoint implies (architecture,
+classes and their names, input size policy), so the exporter and the evaluation read these facts
+instead of re-deriving them.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
 
 from contract import COCO_NUM_CLASSES, DEFAULT_ARCH, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
+from model.architectures import for_torchvision_builder
 from model.mask_rcnn import MaskRCNN, build_model
+
+# torchvision's parameter names before its modules' version 2 (torchvision 0.12), which older state dicts,
+# the v1 COCO weights among them, still carry -> today's: the FPN's blocks and the RPN head's convolution
+# became Conv2dNormActivation blocks, the mask head's mask_fcn1..4 its numbered blocks. torchvision renames
+# them as it loads; we rename them first, so that check_compatible compares today's names.
+_LEGACY_NAMES = (
+    (re.compile(r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$"), r"\1.0.\2"),
+    (re.compile(r"^(rpn\.head\.conv)\.(weight|bias)$"), r"\1.0.0.\2"),
+    (
+        re.compile(r"^(roi_heads\.mask_head)\.mask_fcn(\d+)\.(weight|bias)$"),
+        lambda m: f"{m[1]}.{int(m[2]) - 1}.0.{m[3]}",
+    ),
+)
 
 
 class CheckpointError(ValueError):
@@ -42,6 +61,52 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
         return LoadedCheckpoint(obj, "torchvision")
     raise CheckpointError(f"{path}: neither a torchvision state dict nor a checkpoint written by model.train")
+
+
+def current_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state_dict`` with torchvision's legacy parameter names replaced by today's (see _LEGACY_NAMES)."""
+    renamed = {}
+    for key, value in state_dict.items():
+        for pattern, new in _LEGACY_NAMES:
+            key = pattern.sub(new, key)
+        renamed[key] = value
+    return renamed
+
+
+def torchvision_cache_path(url: str) -> Path:
+    """Where torchvision's weights API keeps the file of ``url``: TORCH_HOME/hub/checkpoints/<file name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def fetch_torchvision_weights(name: str) -> LoadedCheckpoint:
+    """torchvision's weights ``name`` (e.g. ``MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1``) through its
+    weights API: downloaded from its URL once with its hash checked, then read from torchvision's cache.
+    The architecture is the one that loads the weights' builder's state dicts, the class names the
+    weights' own."""
+    from torchvision.models import detection, get_model_weights, get_weight, list_models
+
+    try:
+        weights = get_weight(name)
+    except (ValueError, KeyError):
+        example = "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1"
+        raise CheckpointError(f"{name}: not a torchvision weights name (e.g. {example})") from None
+    builders = [b for b in list_models(module=detection) if get_model_weights(b) is type(weights)]
+    try:
+        arch = for_torchvision_builder(builders[0] if builders else type(weights).__name__)
+    except ValueError as exc:
+        raise CheckpointError(f"{name}: {exc}") from None
+    cached = torchvision_cache_path(weights.url)
+    try:
+        state_dict = weights.get_state_dict(progress=False, check_hash=True)
+    except OSError as exc:  # urllib's URLError and the socket's errors are OSErrors
+        reason = getattr(exc, "reason", None) or exc
+        raise CheckpointError(
+            f"cannot download {weights.url} ({reason}); without network, put that file at {cached}"
+        ) from None
+    except Exception as exc:  # torch.hub's hash check, or a cached file torch.load cannot read
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"{name} ({cached}): {type(exc).__name__}: {first_line}") from None
+    return LoadedCheckpoint(state_dict, "torchvision", {"arch": arch}, list(weights.meta["categories"]))
 
 
 def check_compatible(model: MaskRCNN, state_dict: dict[str, Tensor], what: str) -> None:
@@ -90,22 +155,31 @@ def default_class_names(num_classes: int) -> list[str]:
 
 
 def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None, **overrides) -> LoadedModel:
-    """Build the model a checkpoint describes (``arch`` / ``num_classes`` default to the checkpoint's
+    """Build the model a checkpoint file describes (``arch`` / ``num_classes`` default to the checkpoint's
     own, or R-50-FPN with torchvision's 91 COCO classes) and load its weights, strictly. ``overrides``
     are ``build_model`` options (e.g. inference thresholds) over the checkpoint's."""
-    ckpt = read_checkpoint(path)
+    return _build(read_checkpoint(path), arch, num_classes, **overrides)
+
+
+def load_torchvision_weights(name: str, arch: str | None = None, num_classes: int | None = None, **overrides):
+    """``load_model`` for torchvision's weights ``name``, fetched through its weights API."""
+    return _build(fetch_torchvision_weights(name), arch, num_classes, **overrides)
+
+
+def _build(ckpt: LoadedCheckpoint, arch: str | None, num_classes: int | None, **overrides) -> LoadedModel:
     cfg = ckpt.config
     arch = arch or cfg.get("arch", DEFAULT_ARCH)
     if num_classes is None:
-        num_classes = int(cfg.get("num_classes") or COCO_NUM_CLASSES)
+        num_classes = int(cfg.get("num_classes") or (len(ckpt.class_names) if ckpt.class_names else COCO_NUM_CLASSES))
     kwargs = {**cfg.get("model", {}), **overrides}
     what = f"{arch} with {num_classes} classes"
     try:
         model = build_model(arch, num_classes, **kwargs)
     except (TypeError, ValueError) as exc:  # the checkpoint's options do not fit the architecture asked for
         raise CheckpointError(f"checkpoint does not match {what}: {exc}") from None
-    check_compatible(model, ckpt.state_dict, what)
-    model.load_state_dict(ckpt.state_dict, strict=False)
+    state_dict = current_names(ckpt.state_dict)
+    check_compatible(model, state_dict, what)
+    model.load_state_dict(state_dict, strict=False)
     names = list(ckpt.class_names) if ckpt.class_names else default_class_names(num_classes)
     if len(names) != num_classes:
         raise CheckpointError(f"checkpoint has {len(names)} class names for {num_classes} classes")

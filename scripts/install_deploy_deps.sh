@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real servers that tests/test_deploy.py starts on loopback:
 # nginx, prometheus and docker-compose (for `docker-compose config`), from Debian's packages.
+# Also the browser that tests/test_page.py drives: Debian's chromium and chromium-driver.
 # Idempotent: installs only what is missing; a no-op when all three are present.
 set -euo pipefail
 
@@ -9,8 +10,17 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || need+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 
+# The web page's browser test: selenium starts these two by their paths (tests/test_page.py).
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+
+# tests/test_container.py builds and runs the image: a Docker engine (dockerd and the client it ships
+# with, which builds with BuildKit) and debootstrap, for the stand-in of the python base image.
+{ [ -x /usr/sbin/dockerd ] && [ -x /usr/bin/docker ]; } || need+=(docker.io)
+[ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+
 if [ ${#need[@]} -eq 0 ]; then
-    echo "install_deploy_deps: nginx, prometheus and docker-compose already present"
+    echo "install_deploy_deps: everything already present"
     exit 0
 fi
 
@@ -56,4 +66,5 @@ $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]
 command -v prometheus >/dev/null 2>&1
 command -v docker-compose >/dev/null 2>&1
+[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]
 echo "install_deploy_deps: done"

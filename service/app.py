@@ -19,48 +19,30 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.datastructures import MultiDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.body import check_declared_length, content_encoding, read_body
 from service.errors import ApiError
-from service.images import check_content_type
-from service.multipart import MultipartError, parse_multipart
 from service.options import SegmentOptions, resolve
-from service.pipeline import InferenceRequest, Pipeline
-from service.render import encode_detections, filter_detections, serialize
+from service.page import add_page
+from service.pipeline import Pipeline
+from service.render import serialize
 from service.runtime import ModelLoadError, OnnxModel
 from service.schemas import ErrorResponse, ModelResponse, SegmentResponse, Status
+from service.segment_request import SEGMENT_BODY, check_segment_type, image_and_options
 from service.settings import Settings
+from service.v2_routes import add_v2_routes, is_v2, v2_error
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
-        400: "Undecodable or empty image",
+        400: "Undecodable or empty image, malformed JSON or base64",
         413: "Body or pixel count over the limits",
-        415: "Unsupported content type or image format",
+        415: "Unsupported content type, content encoding or image format",
         422: "Bad options",
         503: "Queue full or shutting down (see Retry-After)",
         504: "Past the request deadline",
     }.items()
-}
-# The request body's schema: the image as a multipart file (with the options as form fields) or raw.
-SEGMENT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        **SegmentOptions.model_json_schema()["properties"],
-                    },
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
 }
 
 
@@ -69,98 +51,57 @@ def segment_error(exc: ApiError) -> JSONResponse:
     return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, exc.status, exc.headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes (also for chunked uploads)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "payload_too_large", f"the body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def check_declared_body(request: Request, limit: int) -> None:
-    """Refuse before reading: a declared length over the limit (413), a raw body without a supported
-    image type (415)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "payload_too_large", f"the body has {declared} bytes, more than {limit}")
-    if not is_multipart(request):
-        content_type = request.headers.get("content-type", "")
-        if not content_type:
-            raise ApiError(415, "unsupported_media_type", "send the image as multipart field 'image' or as a "
-                           "raw body with an image/* content type")
-        check_content_type(content_type)
-
-
-def is_multipart(request: Request) -> bool:
-    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
-
-
-def image_from_multipart(body: bytes, content_type: str) -> tuple[bytes, MultiDict]:
-    """Worker thread: the ``image`` file part and the text fields of a multipart body."""
-    try:
-        form = parse_multipart(body, content_type)
-    except MultipartError as exc:
-        raise ApiError(400, "bad_multipart", str(exc)) from None
-    part = form.files.get("image")
-    if part is None:
-        raise ApiError(400, "missing_image", "multipart field 'image' (a file) is required")
-    check_content_type(part.content_type)
-    return part.data, form.fields
-
-
 async def segment_one(pipeline: Pipeline, request: Request, options: SegmentOptions) -> Response:
     """POST /segment: admission, body, decode, batch, post-process, JSON."""
     started = time.perf_counter()
     settings, info = pipeline.settings, pipeline.model.metadata
     resolve(options, settings.score_threshold, info)  # bad query options: 422 before any work
-    check_declared_body(request, settings.max_upload_bytes)
-    async with pipeline.admitted(started) as slot:
-        data = await read_body(request, settings.max_upload_bytes)
-        if is_multipart(request):
-            data, fields = await pipeline.in_pool(image_from_multipart, data, request.headers["content-type"])
-            options = options.with_form(fields)
+    await check_declared_length(request, settings.max_upload_bytes)
+    check_segment_type(request)
+    encoding = content_encoding(request)
+    async with pipeline.admitted("segment", started) as slot:
+        body = await read_body(request, settings.max_upload_bytes)
+        data, options = await pipeline.in_pool(image_and_options, body, request.headers["content-type"], encoding,
+                                               options, settings.max_upload_bytes)
         resolved = resolve(options, settings.score_threshold, info)
-        decode_started = time.perf_counter()
-        image = await pipeline.decode(data)
-        decode_ms = (time.perf_counter() - decode_started) * 1e3
-        inferred = await pipeline.infer(slot, InferenceRequest(image, resolved.score_threshold))
-        post_started = time.perf_counter()
-        pred = filter_detections(inferred.prediction, resolved)
-        encoded = await pipeline.in_pool(encode_detections, pred, resolved)
-        postprocess_s = time.perf_counter() - post_started
-        timings = {"decode_ms": decode_ms, "queue_ms": inferred.queue_s * 1e3, "inference_ms": inferred.run_s * 1e3,
-                   "postprocess_ms": postprocess_s * 1e3}
-        body = await pipeline.in_pool(serialize, pred, encoded, info, inferred.batch_size, timings, started)
-    pipeline.metrics.postprocess.observe(postprocess_s)
-    pipeline.metrics.detections.inc(len(pred.scores))
+        done = await pipeline.segment(slot, data, resolved)
+        timings = {"decode_ms": done.decode_s * 1e3, "queue_ms": done.inferred.queue_s * 1e3,
+                   "inference_ms": done.inferred.run_s * 1e3, "postprocess_ms": done.postprocess_s * 1e3}
+        body = await pipeline.in_pool(serialize, done.prediction, done.masks, info, done.inferred.batch_size, timings,
+                                      started)
     return Response(body, media_type="application/json")
 
 
 def add_error_handlers(app: FastAPI, pipeline: Pipeline) -> None:
-    """Errors outside the pipeline's own (routing, FastAPI's validation) in the same JSON body."""
+    """Errors outside the pipeline's own (routing, FastAPI's validation, the protocol's metadata routes) in
+    the error body of the protocol the path belongs to."""
+
+    def answer(request: Request, exc: ApiError) -> JSONResponse:
+        return v2_error(exc) if is_v2(request) else segment_error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first["loc"] if p != "query")
         if request.url.path == "/segment":  # typed query options FastAPI refused before the handler ran
-            pipeline.metrics.observe_request(422, 0.0)
-        return segment_error(ApiError(422, "invalid_option", f"{where}: {first['msg']}"))
+            pipeline.metrics.observe_request("segment", 422, 0.0)
+        return answer(request, ApiError(422, "invalid_option", f"{where}: {first['msg']}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return segment_error(ApiError(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None)))
+        return answer(request, ApiError(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None)))
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return answer(request, exc)
 
 
 def add_routes(app: FastAPI, pipeline: Pipeline) -> None:
     @app.post("/segment", response_model=SegmentResponse, responses=ERROR_RESPONSES, openapi_extra=SEGMENT_BODY,
               summary="Segment every instance in one image")
     async def segment(request: Request, options: Annotated[SegmentOptions, Query()]) -> Response:
-        return await pipeline.handle(lambda: segment_one(pipeline, request, options), segment_error)
+        return await pipeline.handle("segment", lambda: segment_one(pipeline, request, options), segment_error)
 
     @app.get("/healthz", response_model=Status, summary="Liveness")
     async def healthz() -> Status:
@@ -214,6 +155,8 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
     app.state.pipeline = pipeline
     add_error_handlers(app, pipeline)
     add_routes(app, pipeline)
+    add_v2_routes(app, pipeline)
+    add_page(app, pipeline)
     return app
 
 

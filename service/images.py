@@ -65,6 +65,15 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 
 
+def check_size(width: int, height: int, max_pixels: int) -> None:
+    """The limits on an image's size, for encoded files (read from the header) and raw pixels alike."""
+    if width * height > max_pixels:
+        raise ImageError(413, "image_too_large",
+                         f"the image has {width}x{height} pixels, more than the limit of {max_pixels}")
+    if width == 0 or height == 0:
+        raise ImageError(400, "empty_image", "the image has no pixels")
+
+
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode JPEG/PNG/WebP/BMP/TIFF (first frame) to RGB uint8 [H, W, 3], EXIF orientation applied."""
     if not data:
@@ -80,12 +89,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     if im.format not in SUPPORTED_FORMATS:
         raise ImageError(415, "unsupported_media_type", f"unsupported image format {im.format}; "
                          "send JPEG, PNG, WebP, BMP or TIFF")
-    width, height = im.size
-    if width * height > max_pixels:
-        raise ImageError(413, "image_too_large",
-                         f"the image has {width}x{height} pixels, more than the limit of {max_pixels}")
-    if width == 0 or height == 0:
-        raise ImageError(400, "empty_image", "the image has no pixels")
+    check_size(*im.size, max_pixels)
     try:
         im.seek(0)
         im.load()

@@ -1,9 +1,14 @@
 """Prometheus metrics of one app instance (its own registry, so several apps can live in one process).
 
-Names are shared with docker/grafana/dashboards/mrcnn.json and tests/test_deploy.py.
+Names are shared with docker/grafana/dashboards/mrcnn.json and tests/test_deploy.py. The request-level
+families carry a ``route`` label, the front door that answered: ``segment`` (POST /segment) or ``v2`` (the
+Open Inference Protocol's infer); the batch-level ones are shared, since both doors feed the same batches.
 """
 
 from __future__ import annotations
+
+import typing
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -11,20 +16,22 @@ LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 4.0, 6.0, 10.0, 30.0,
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+Route = Literal["segment", "v2"]
+ROUTES: tuple[Route, ...] = typing.get_args(Route)
 
 
 class Metrics:
-    """The service's metric families; all request-level ones are about POST /segment."""
+    """The service's metric families."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_duration = Histogram(
-            "mrcnn_request_duration_seconds", "POST /segment time in the server, by HTTP status.",
-            ["status"], buckets=LATENCY_BUCKETS, registry=r,
+            "mrcnn_request_duration_seconds", "Inference request time in the server, by route and HTTP status.",
+            ["route", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.requests = Counter("mrcnn_requests", "POST /segment requests answered, by HTTP status.",
-                                ["status"], registry=r)
+        self.requests = Counter("mrcnn_requests", "Inference requests answered, by route and HTTP status.",
+                                ["route", "status"], registry=r)
         self.queue_wait = Histogram("mrcnn_queue_wait_seconds", "Time a request waited for its batch to run.",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("mrcnn_inference_duration_seconds", "ONNX Runtime time of one batch.",
@@ -36,12 +43,14 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("mrcnn_queue_depth", "Requests queued for inference, not yet running.",
                                  registry=r)
-        self.in_progress = Gauge("mrcnn_requests_in_progress", "POST /segment requests holding a slot.",
-                                 registry=r)
+        self.in_progress = Gauge("mrcnn_requests_in_progress", "Inference requests holding a slot, by route.",
+                                 ["route"], registry=r)
+        for route in ROUTES:
+            self.in_progress.labels(route)
         self.detections = Counter("mrcnn_detections", "Detections returned.", registry=r)
         self.model = Info("mrcnn_model", "The model being served.", registry=r)
 
-    def observe_request(self, status: int, seconds: float) -> None:
-        label = str(status)
-        self.request_duration.labels(label).observe(seconds)
-        self.requests.labels(label).inc()
+    def observe_request(self, route: Route, status: int, seconds: float) -> None:
+        labels = (route, str(status))
+        self.request_duration.labels(*labels).observe(seconds)
+        self.requests.labels(*labels).inc()

@@ -1,14 +1,16 @@
 """The options of a segmentation request, declared once.
 
-``SegmentOptions`` is what a client may send: FastAPI reads it from the query string, the multipart
-form fields are validated by the same model (they win over the query), and the OpenAPI schema of
-both comes from it. ``resolve`` then fills in the server's defaults and checks the options against
-the model being served, giving the ``Resolved`` options the pipeline works with.
+``SegmentOptions`` is what a client may send: FastAPI reads it from the query string; the multipart
+form fields, a JSON body's members and the Open Inference Protocol's request parameters are validated
+by the same model (they win over the query); the OpenAPI schema of all of them comes from it.
+``resolve`` then fills in the server's defaults and checks the options against the model being served,
+giving the ``Resolved`` options the pipeline works with.
 """
 
 from __future__ import annotations
 
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,7 +65,13 @@ class SegmentOptions(BaseModel):
             if name in fields:
                 is_list = list in (typing.get_origin(a) for a in typing.get_args(info.annotation))
                 given[name] = fields.getlist(name) if is_list else fields[name]
-        return self.validated({**self.model_dump(exclude_unset=True), **given})
+        return self.overridden(given)
+
+    def overridden(self, given: Mapping[str, object]) -> SegmentOptions:
+        """These options overridden by ``given`` (a JSON body's members, a form's fields); other names
+        in ``given`` are not options and are left alone."""
+        options = {name: value for name, value in given.items() if name in type(self).model_fields}
+        return self.validated({**self.model_dump(exclude_unset=True), **options})
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,12 @@
 start batching), ``execute`` (one batch in, exactly one result or error per request out), ``stop``
 (drain).
 
-Every front door goes through ``handle``: it answers one request with its status and latency in the
-metrics. Inside, ``admitted`` holds one of the server's slots for the request (refused at once with
-503 when full or draining) under the request's deadline (504), and ``decode``, ``infer`` and
-``in_pool`` do the work off the event loop: decoding and post-processing in a small worker pool,
-inference in the batcher's single thread.
+Every front door (``/segment``, the Open Inference Protocol's infer) goes through ``handle``: it answers
+one request with its status and latency in the metrics, under the door's route label. Inside,
+``admitted`` holds one of the server's slots for the request (refused at once with 503 when full or
+draining) under the request's deadline (504), and ``segment`` does the work off the event loop: decoding
+and post-processing in a small worker pool, inference in the batcher's single thread. Each door only
+parses its own request and encodes its own response.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from starlette.responses import Response
 
 from service.batcher import BatchStats, Draining, DynamicBatcher, QueueFull, Slot
 from service.errors import ApiError
-from service.images import decode_image
-from service.metrics import Metrics
+from service.images import check_size, decode_image
+from service.metrics import Metrics, Route
+from service.options import Resolved
+from service.postprocess import EncodedMasks
+from service.render import encode_detections, filter_detections
 from service.runtime import OnnxModel, Prediction, Resized, split_outputs
 from service.settings import Settings
 
@@ -50,6 +54,18 @@ class Inferred:
     queue_s: float
     run_s: float
     batch_size: int
+
+
+@dataclass(frozen=True)
+class Segmented:
+    """One request's answer before its front door encodes it: the detections it asked for, their masks in
+    the formats it asked for, and what each step cost."""
+
+    prediction: Prediction  # filtered by the request's classes and count
+    masks: EncodedMasks | None  # None when the request asked for no mask encoding
+    inferred: Inferred
+    decode_s: float
+    postprocess_s: float
 
 
 class Pipeline:
@@ -111,37 +127,38 @@ class Pipeline:
 
     # -- one request -------------------------------------------------------------------------------
     async def handle(
-        self, work: Callable[[], Awaitable[Response]], error_response: Callable[[ApiError], Response]
+        self, route: Route, work: Callable[[], Awaitable[Response]], error_response: Callable[[ApiError], Response]
     ) -> Response:
         """Answer one request: ``work``'s response, or its ApiError in the front door's own error body,
-        or a 500 for anything unexpected; the status and the time taken go to the metrics."""
+        or a 500 for anything unexpected; the status answered and the time taken go to the metrics."""
         started = time.perf_counter()
-        status = 500
+        status = 500  # also when the request is cancelled (the client went away)
         try:
-            response = await work()
+            try:
+                response = await work()
+            except ApiError as exc:
+                response = error_response(exc)
+            except Exception:
+                log.exception("request failed")
+                response = error_response(ApiError(500, "internal_error", "the server failed on this request"))
             status = response.status_code
             return response
-        except ApiError as exc:
-            status = exc.status
-            return error_response(exc)
-        except Exception:
-            log.exception("request failed")
-            return error_response(ApiError(500, "internal_error", "the server failed on this request"))
         finally:
-            self.metrics.observe_request(status, time.perf_counter() - started)
+            self.metrics.observe_request(route, status, time.perf_counter() - started)
 
     @contextlib.asynccontextmanager
-    async def admitted(self, started: float) -> AsyncIterator[Slot[InferenceRequest, Prediction]]:
+    async def admitted(self, route: Route, started: float) -> AsyncIterator[Slot[InferenceRequest, Prediction]]:
         """Hold a slot for the block, which must finish within the request deadline from ``started``."""
         deadline = started + self.settings.request_timeout_s
+        in_progress = self.metrics.in_progress.labels(route)
         try:
             with self.batcher.admit() as slot:
-                self.metrics.in_progress.inc()
+                in_progress.inc()
                 try:
                     async with asyncio.timeout(max(deadline - time.perf_counter(), 0.0)):
                         yield slot
                 finally:
-                    self.metrics.in_progress.dec()
+                    in_progress.dec()
         except (QueueFull, Draining) as exc:
             code = "overloaded" if isinstance(exc, QueueFull) else "shutting_down"
             raise ApiError(503, code, str(exc), {"Retry-After": "1"}) from None
@@ -149,12 +166,32 @@ class Pipeline:
             limit = self.settings.request_timeout_s
             raise ApiError(504, "deadline_exceeded", f"not answered within the {limit:g} s deadline") from None
 
-    async def decode(self, data: bytes) -> Resized:
-        """Worker thread: decode (limits checked first), then resize by the model's policy."""
-        return await self.in_pool(self._decode_resize, data)
+    async def segment(
+        self, slot: Slot[InferenceRequest, Prediction], image: bytes | np.ndarray, options: Resolved
+    ) -> Segmented:
+        """One admitted request's work: decode and resize ``image`` (an encoded file, or RGB uint8 pixels
+        [H, W, 3]), infer in whichever batch it joins, keep the detections ``options`` asks for and encode
+        only the mask formats it asks for."""
+        decode_started = time.perf_counter()
+        resized = await self.in_pool(self._prepare, image)
+        decode_s = time.perf_counter() - decode_started
+        inferred = await self.infer(slot, InferenceRequest(resized, options.score_threshold))
+        post_started = time.perf_counter()
+        pred = filter_detections(inferred.prediction, options)
+        masks = await self.in_pool(encode_detections, pred, options) if options.rle or options.polygons else None
+        postprocess_s = time.perf_counter() - post_started
+        self.metrics.postprocess.observe(postprocess_s)
+        self.metrics.detections.inc(len(pred.scores))
+        return Segmented(pred, masks, inferred, decode_s, postprocess_s)
 
-    def _decode_resize(self, data: bytes) -> Resized:
-        return self.model.resize(decode_image(data, self.settings.max_image_pixels))
+    def _prepare(self, image: bytes | np.ndarray) -> Resized:
+        """Worker thread: the image checked against the limits (before decoding), decoded, resized by the
+        model's policy."""
+        if isinstance(image, np.ndarray):
+            check_size(image.shape[1], image.shape[0], self.settings.max_image_pixels)
+        else:
+            image = decode_image(image, self.settings.max_image_pixels)
+        return self.model.resize(image)
 
     async def infer(self, slot: Slot[InferenceRequest, Prediction], request: InferenceRequest) -> Inferred:
         """The request's detections, from whichever batch it joins."""

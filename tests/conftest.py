@@ -1,10 +1,17 @@
-"""Shared fixtures: tiny models with random weights (fixed seeds), exported once per test session."""
+"""Shared fixtures: tiny models with random weights (fixed seeds), exported once per test session, and one
+real server on loopback serving the exported one (tests/test_service.py, test_v2_protocol.py, test_fuzz.py);
+the bundled demo model served on loopback, and a shapes image with known objects for it to find."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pytest
+
+from tests.helpers import MAX_PIXELS, MAX_UPLOAD, THRESHOLD, TIMEOUT, ServerThread
 
 SHAPE_CLASSES = ["__background__", "circle", "square", "triangle", "star"]
 # The slim R-18-FPN of the bundled model, with fewer proposals: cheap enough for every test to run it.
@@ -60,3 +67,66 @@ def tiny_onnx_model(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_onnx") / "tiny.onnx"
     assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--model-name", "tiny"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def model(tiny_onnx_model: Path):  # -> service.runtime.OnnxModel
+    """The tiny exported model in a session of its own: what each image gives alone."""
+    from service.runtime import OnnxModel
+
+    return OnnxModel(tiny_onnx_model, intra_op_threads=1)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_onnx_model: Path) -> Iterator[ServerThread]:
+    """The service (service.app.create_app) serving the tiny exported model, on a loopback port; its
+    pipeline is ``server.pipeline``. Batches of up to 8 wait up to 150 ms for company."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(
+        model_path=tiny_onnx_model, max_batch_size=8, max_batch_wait_ms=150, queue_capacity=16,
+        max_upload_bytes=MAX_UPLOAD, max_image_pixels=MAX_PIXELS, score_threshold=THRESHOLD,
+        worker_threads=2, request_timeout_s=TIMEOUT,
+    )
+    app = create_app(settings)
+    with ServerThread(app) as srv:
+        srv.pipeline = app.state.pipeline
+        yield srv
+
+
+DEMO_MAX_UPLOAD = 3_000_000  # bytes: room for the shapes PNGs, small enough for a cheap 413
+# model/data/shapes.py generate(7, 2): 363 x 364, five objects of all four classes, every one found by the
+# demo model (mask IoU >= 0.77) with a score above 0.97, and seven more detections scoring below 0.2.
+SHAPES_SEED, SHAPES_INDEX = 7, 2
+
+
+class KnownImage(NamedTuple):
+    path: Path  # the PNG
+    image: np.ndarray  # [H, W, 3] uint8 RGB
+    masks: np.ndarray  # [N, H, W] uint8 visible pixels of each object
+    labels: np.ndarray  # [N] class ids 1..4
+
+
+@pytest.fixture(scope="session")
+def demo_server() -> Iterator:
+    """The bundled demo model (models/demo/model.onnx) served by the real app on a loopback port."""
+    from service.app import create_app
+    from service.settings import DEFAULT_MODEL_PATH, Settings
+
+    settings = Settings(model_path=DEFAULT_MODEL_PATH, max_upload_bytes=DEMO_MAX_UPLOAD, request_timeout_s=600)
+    with ServerThread(create_app(settings)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def shapes_image(tmp_path_factory) -> KnownImage:
+    """A synthetic shapes image whose objects the demo model finds, written as PNG."""
+    from PIL import Image
+
+    from model.data.shapes import generate
+
+    sample = generate(SHAPES_SEED, SHAPES_INDEX)
+    path = tmp_path_factory.mktemp("shapes") / "shapes.png"
+    Image.fromarray(sample.image).save(path)
+    return KnownImage(path, sample.image, sample.masks, sample.labels)

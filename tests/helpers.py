@@ -1,15 +1,24 @@
-"""Helpers shared by the test files: the synthetic test scene, mask IoU and hole filling, a free port.
+"""Helpers shared by the test files: the synthetic test scene, mask IoU and hole filling, a free port, the
+test server (uvicorn in a thread; tests/conftest.py's ``server`` runs one with the settings below), metric
+readings, and the pixel checks of an overlay.
 
 Importable without torch (the service tests run torch-free); the torch helpers import it themselves.
 """
 
 from __future__ import annotations
 
+import io
 import socket
-from typing import TYPE_CHECKING, NamedTuple
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import cv2
 import numpy as np
+import uvicorn
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from contract import pad_batch
 
@@ -155,3 +164,104 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The shared test server's settings (tests/conftest.py's ``server``).
+THRESHOLD = 0.05  # random weights give scores of ~0.2-0.3: this keeps all 100 detections
+TIMEOUT = 600  # CPU inference of the tiny model takes seconds on a busy 2-core machine
+MAX_UPLOAD = 2_000_000
+MAX_PIXELS = 4_000_000
+
+
+def encode(img: np.ndarray, fmt: str = "PNG", **kw: Any) -> bytes:
+    """An image file of ``img`` in Pillow's format ``fmt``."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text exposition, by name and label set."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(values: dict, name: str, **labels: str) -> float:
+    """One sample of ``metric_values``'s result, by its exact label set (0 when absent)."""
+    return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class ServerThread:
+    """uvicorn running the app in a background thread, on a free loopback port."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def drawing_zones(boxes: Sequence[Sequence[float]], width: int, height: int) -> np.ndarray:
+    """bool [H, W]: where an overlay (service/overlay.py's layout) may draw boxes and labels, with a
+    margin: a band around each box's edges, and at its top-left corner room for any ``name score`` label
+    above or inside the box."""
+    from service.overlay import line_and_font_px, pixel_box
+
+    line, font = line_and_font_px(width, height)
+    margin = 2 * line + 1
+    zones = np.zeros((height, width), bool)
+    for box in boxes:
+        x0, y0, x1, y1 = pixel_box(box, width, height)
+        ring = np.zeros_like(zones)
+        ring[max(0, y0 - margin) : y1 + margin, max(0, x0 - margin) : x1 + margin] = True
+        ring[y0 + margin : max(y0 + margin, y1 - margin), x0 + margin : max(x0 + margin, x1 - margin)] = False
+        zones |= ring
+        zones[max(0, y0 - 2 * font) : y0 + 2 * font, max(0, x0 - margin) : x0 + 12 * font] = True
+    return zones
+
+
+def assert_overlay(
+    pixels: np.ndarray, image: np.ndarray, masks: np.ndarray, colours: Sequence[Sequence[int]],
+    alphas: Sequence[int], exclude: np.ndarray | None = None,
+) -> None:
+    """Check an overlay pixel by pixel (RGB uint8 [H, W, 3] both) outside ``exclude``: a pixel inside
+    exactly one of ``masks`` [N, H, W] is service/overlay.py's blend ``(p * (256 - a) + c * a + 128) >> 8``
+    of the image's pixel p and the mask's colour c at its alpha a, and most of them visibly changed; a
+    pixel in no mask is the image's own. Overlaps are left to the caller."""
+    keep = np.ones(image.shape[:2], bool) if exclude is None else ~exclude
+    count = masks.sum(axis=0)
+    for mask, colour, alpha in zip(masks.astype(bool), colours, alphas, strict=True):
+        only = mask & (count == 1) & keep
+        assert only.sum() >= min(100, mask.sum()), "too little of a mask is left to check"
+        original = image[only].astype(np.int32)
+        expected = (original * (256 - alpha) + np.asarray(colour, np.int32) * alpha + 128) >> 8
+        assert np.array_equal(pixels[only], expected), "a mask pixel is not the documented blend"
+        assert (pixels[only] != image[only]).any(axis=1).mean() >= 0.9, "a mask is not visibly tinted"
+    outside = (count == 0) & keep
+    assert outside.sum() >= 0.2 * outside.size, "too little of the image is left to check"
+    assert np.array_equal(pixels[outside], image[outside]), "a pixel away from every mask was changed"
+
+
+def assert_found(known_masks: np.ndarray, known_labels: np.ndarray, masks: np.ndarray, labels: np.ndarray,
+                 min_iou: float = 0.7) -> None:
+    """Every known object has a detection of its class whose mask overlaps it by ``min_iou``."""
+    for mask, label in zip(known_masks, known_labels, strict=True):
+        best = max((iou(mask, m) for m, c in zip(masks, labels, strict=True) if c == label), default=0.0)
+        assert best >= min_iou, f"object of class {label} not found (best mask IoU {best:.2f})"

@@ -37,7 +37,10 @@ def test_batch_padding() -> None:
 
 
 def _metadata() -> GraphMetadata:
-    return GraphMetadata("m", "3", "r18_fpn", ["__background__", "a", "b"], mask_size=28, detections_per_image=50)
+    return GraphMetadata(
+        "m", "3", "r18_fpn", ["__background__", "a", "b"], mask_size=28, detections_per_image=50,
+        verification="float32 noise x4",
+    )
 
 
 def test_metadata_round_trip() -> None:
@@ -52,6 +55,7 @@ def test_missing_optional_metadata_takes_the_defaults() -> None:
     meta = GraphMetadata.from_props(props, "file-stem")
     assert (meta.model_name, meta.model_version, meta.detections_per_image, meta.score_threshold) == (
         "file-stem", "0", 100, 0.05)
+    assert meta.verification == "unknown"  # a file from before the exporter recorded it
 
 
 @pytest.mark.parametrize(

@@ -14,17 +14,14 @@ its binary is missing. All traffic goes to 127.0.0.1 and every wait is bounded.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -34,20 +31,35 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.deployment import (
+    NGINX,
+    NGINX_CONF,
+    REQUEST_TIMEOUT_S,
+    REQUESTS_TOTAL,
+    ROOT,
+    Load,
+    Nginx,
+    all_ok,
+    binary,
+    clean_env,
+    http_client,
+    requests_served,
+    rewrite_nginx_conf,
+    small_input_model,
+    stop_process,
+    wait_http,
+    world_readable_tmpdir,
+)
 from tests.helpers import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-NGINX_CONF = DOCKER / "nginx.conf"
 PROMETHEUS_YML = DOCKER / "prometheus.yml"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "mrcnn.json"
 DATASOURCE_YML = DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDER_YML = DOCKER / "grafana" / "provisioning" / "dashboards" / "mrcnn.yml"
 
 # Names exported by service/ (prometheus-client).
-REQUESTS_TOTAL = "mrcnn_requests_total"
 METRICS = [
     "mrcnn_request_duration_seconds",
     "mrcnn_queue_wait_seconds",
@@ -59,24 +71,11 @@ METRICS = [
 ]
 
 STARTUP_TIMEOUT_S = 90.0
-REQUEST_TIMEOUT_S = 60.0
 
 
-def _binary(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"):
-        p = Path(d) / name
-        if p.is_file() and os.access(p, os.X_OK):
-            return str(p)
-    return None
-
-
-NGINX = _binary("nginx")
-PROMETHEUS = _binary("prometheus")
-PROMTOOL = _binary("promtool")
-COMPOSE = _binary("docker-compose")
+PROMETHEUS = binary("prometheus")
+PROMTOOL = binary("promtool")
+COMPOSE = binary("docker-compose")
 
 _INSTALL_HINT = "(scripts/install_deploy_deps.sh installs it)"
 needs_nginx = pytest.mark.skipif(NGINX is None, reason=f"nginx binary not found {_INSTALL_HINT}")
@@ -91,58 +90,9 @@ needs_compose = pytest.mark.skipif(COMPOSE is None, reason=f"docker-compose bina
 # helpers
 
 
-def _clean_env() -> dict[str, str]:
-    """The environment for child processes: no proxies (loopback only), no inherited MRCNN_ settings."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.lower().endswith("_proxy") and not k.startswith("MRCNN_")
-    }
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
 def _replica_env() -> dict[str, str]:
     """Several replicas share this machine's cores, as in docs/deployment.md: one ORT thread each."""
-    return {**_clean_env(), "MRCNN_INTRA_OP_THREADS": "1"}
-
-
-def _client(timeout: float = REQUEST_TIMEOUT_S) -> httpx.Client:
-    return httpx.Client(timeout=timeout, trust_env=False)
-
-
-def _wait_http(url: str, proc: subprocess.Popen | None, timeout: float, log: Path | None = None) -> None:
-    """Poll url until it answers 200; fail early if proc exits."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    with _client(timeout=5.0) as c:
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-                pytest.fail(f"process for {url} exited with {proc.returncode}:\n{tail}")
-            try:
-                r = c.get(url)
-                if r.status_code == 200:
-                    return
-                last = f"HTTP {r.status_code}"
-            except httpx.HTTPError as e:
-                last = repr(e)
-            time.sleep(0.2)
-    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    pytest.fail(f"{url} not ready after {timeout:.0f}s ({last}):\n{tail}")
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+    return {**clean_env(), "MRCNN_INTRA_OP_THREADS": "1"}
 
 
 class Replica:
@@ -160,62 +110,17 @@ class Replica:
         )
 
     def wait_ready(self) -> None:
-        _wait_http(self.url + "/readyz", self.proc, STARTUP_TIMEOUT_S, self.log)
+        wait_http(self.url + "/readyz", self.proc, STARTUP_TIMEOUT_S, self.log)
 
     def served(self) -> int:
-        """Requests this replica has answered, by its own /metrics."""
-        with _client(timeout=10.0) as c:
-            r = c.get(self.url + "/metrics")
-        r.raise_for_status()
-        return round(_metric_sum(r.text, REQUESTS_TOTAL))
+        return requests_served(self.url)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        _stop(self.proc, sig)
+        stop_process(self.proc, sig)
         self._log_fh.close()
 
 
-def _metric_sum(text: str, sample_name: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == sample_name:
-                total += sample.value
-    return total
-
-
-def _world_readable_tmpdir(prefix: str) -> Path:
-    """A temp dir that nginx's workers (user nobody when started as root) can traverse."""
-    d = Path(tempfile.mkdtemp(prefix=prefix))
-    d.chmod(0o755)
-    return d
-
-
 # ---- configuration rewrites (only addresses and paths) -------------------------------------------
-
-
-def rewrite_nginx_conf(text: str, upstream_ports: list[int], listen_port: int, prefix: Path) -> str:
-    """docker/nginx.conf for loopback: upstream servers, listen address, /tmp and log paths."""
-
-    def upstream(m: re.Match) -> str:
-        body = m.group(2)
-        servers = re.findall(r"^\s*server\s+\S+([^;]*);", body, flags=re.M)
-        assert len(servers) == 1, f"expected one templated upstream server line, got {servers}"
-        # `resolve` is for Docker's DNS name; loopback addresses are literal.
-        params = " ".join(p for p in servers[0].split() if p != "resolve")
-        lines = "\n".join(f"        server 127.0.0.1:{p} {params};" for p in upstream_ports)
-        body = re.sub(r"^\s*server\s+\S+[^;]*;", lambda _m: lines, body, count=1, flags=re.M)
-        return m.group(1) + body + "}"
-
-    text, n = re.subn(r"(upstream\s+mrcnn\s*\{)(.*?)\}", upstream, text, flags=re.S)
-    assert n == 1, "docker/nginx.conf must define `upstream mrcnn`"
-    # Docker's DNS resolver address: nothing to resolve on loopback.
-    text = re.sub(r"^\s*resolver\s[^;]*;\n", "", text, flags=re.M)
-    text, n = re.subn(r"\blisten\s+8080\s*;", f"listen 127.0.0.1:{listen_port};", text)
-    assert n == 1, "docker/nginx.conf must listen on 8080"
-    text = text.replace("/tmp/", f"{prefix}/")
-    text = text.replace("/dev/stderr", str(prefix / "error.log"))
-    text = text.replace("/dev/stdout", str(prefix / "access.log"))
-    return text
 
 
 def rewrite_prometheus_yml(text: str, replica_ports: list[int], listen_port: int) -> str:
@@ -238,43 +143,6 @@ def rewrite_prometheus_yml(text: str, replica_ports: list[int], listen_port: int
 # ---- servers -------------------------------------------------------------------------------------
 
 
-class Nginx:
-    def __init__(self, upstream_ports: list[int]):
-        assert NGINX is not None
-        self.prefix = _world_readable_tmpdir("mrcnn-nginx-")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        conf = self.prefix / "nginx.conf"
-        conf.write_text(rewrite_nginx_conf(NGINX_CONF.read_text(), upstream_ports, self.port, self.prefix))
-        self.access_log = self.prefix / "access.log"
-        self.error_log = self.prefix / "error.log"
-        check = subprocess.run(
-            [NGINX, "-t", "-p", str(self.prefix), "-c", str(conf), "-e", str(self.error_log)],
-            capture_output=True, text=True, timeout=30,
-        )
-        assert check.returncode == 0, f"nginx -t rejected the config:\n{check.stderr}"
-        self.proc = subprocess.Popen(
-            [NGINX, "-p", str(self.prefix), "-c", str(conf), "-e", str(self.error_log),
-             "-g", "daemon off;"],
-            env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            _wait_http(self.url + "/lb-healthz", self.proc, 20.0, self.error_log)
-        except BaseException:
-            self.stop()
-            raise
-
-    def upstream_log(self) -> list[str]:
-        """The `upstream=` field of every access-log line (one address per attempt)."""
-        if not self.access_log.exists():
-            return []
-        return re.findall(r"upstream=(.*?) ustatus=", self.access_log.read_text(errors="replace"))
-
-    def stop(self) -> None:
-        _stop(self.proc, signal.SIGQUIT)
-        shutil.rmtree(self.prefix, ignore_errors=True)
-
-
 class Prometheus:
     def __init__(self, replica_ports: list[int], workdir: Path):
         assert PROMETHEUS is not None
@@ -287,108 +155,27 @@ class Prometheus:
         self.proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
-            cwd=workdir, env=_clean_env(), stdout=self._log_fh, stderr=subprocess.STDOUT,
+            cwd=workdir, env=clean_env(), stdout=self._log_fh, stderr=subprocess.STDOUT,
         )
         try:
-            _wait_http(self.url + "/-/ready", self.proc, 30.0, self.log)
+            wait_http(self.url + "/-/ready", self.proc, 30.0, self.log)
         except BaseException:
             self.stop()
             raise
 
     def api(self, path: str, **params: str) -> dict:
-        with _client(timeout=10.0) as c:
+        with http_client(timeout=10.0) as c:
             r = c.get(self.url + "/api/v1/" + path, params=params)
         body = r.json()
         assert r.status_code == 200 and body.get("status") == "success", f"{path} {params}: {body}"
         return body["data"]
 
     def stop(self) -> None:
-        _stop(self.proc, signal.SIGTERM)
+        stop_process(self.proc, signal.SIGTERM)
         self._log_fh.close()
 
 
 # ---- traffic -------------------------------------------------------------------------------------
-
-
-def _png(seed: int, size: tuple[int, int] = (96, 128)) -> bytes:
-    rng = np.random.default_rng(seed)
-    h, w = size
-    img = np.full((h, w, 3), rng.integers(0, 255, 3), dtype=np.uint8)
-    # a few filled rectangles so the image is not plain noise
-    for _ in range(3):
-        y0, x0 = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
-        img[y0 : y0 + h // 3, x0 : x0 + w // 3] = rng.integers(0, 255, 3)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-IMAGES = [_png(s) for s in range(4)]
-
-
-def _segment(client: httpx.Client, base_url: str, i: int) -> int | str:
-    try:
-        r = client.post(
-            base_url + "/segment",
-            files={"image": (f"img{i}.png", IMAGES[i % len(IMAGES)], "image/png")},
-        )
-    except httpx.HTTPError as e:
-        return repr(e)
-    if r.status_code == 200:
-        body = r.json()
-        if not isinstance(body.get("detections"), list) or body.get("image") != {"width": 128, "height": 96}:
-            return f"200 with an unexpected body: {str(body)[:200]}"
-    return r.status_code
-
-
-class Load:
-    """POST /segment requests through base_url by `workers` threads: `n` of them, or fewer if stopped
-    earlier with stop(). join() gives the statuses of the requests made, in order."""
-
-    def __init__(self, base_url: str, n: int, workers: int = 4):
-        self.statuses: list[int | str | None] = [None] * n
-        self.done = 0
-        self._lock = threading.Lock()
-        self._next = itertools.count()
-        self._n = n
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._work, args=(base_url,), daemon=True)
-                         for _ in range(workers)]
-
-    def _work(self, base_url: str) -> None:
-        with _client() as c:
-            while not self._stop.is_set():
-                with self._lock:
-                    i = next(self._next)
-                if i >= self._n:
-                    return
-                self.statuses[i] = _segment(c, base_url, i)
-                with self._lock:
-                    self.done += 1
-
-    def start(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def wait_done(self, count: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.done < count and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.done >= count, f"only {self.done}/{count} requests done after {timeout:.0f}s"
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout: float = 300.0) -> list[int | str | None]:
-        deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(timeout=max(0.1, deadline - time.monotonic()))
-        assert not any(t.is_alive() for t in self._threads), "load threads did not finish"
-        # Every index handed out to a worker was answered (workers only check stop between requests).
-        with self._lock:
-            made = min(next(self._next), self._n)
-        return self.statuses[:made]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,26 +184,14 @@ class Load:
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    d = _world_readable_tmpdir("mrcnn-deploy-")
+    d = world_readable_tmpdir("mrcnn-deploy-")
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def deploy_model(tiny_onnx_model, workdir) -> Path:
-    """The tiny exported model with a smaller input-size policy (its metadata's min_size / max_size,
-    which the service reads): the same graph, about half the CPU per request. These tests are about
-    the load balancer, the drain and the metrics, not about the model's resolution."""
-    try:
-        import onnx
-    except ImportError:  # the serving deps alone: the model as exported
-        return Path(tiny_onnx_model)
-    model = onnx.load(str(tiny_onnx_model))
-    props = {p.key: p for p in model.metadata_props}
-    props["min_size"].value, props["max_size"].value = "64", "96"
-    out = workdir / "tiny-64.onnx"
-    onnx.save(model, str(out))
-    return out
+    return small_input_model(Path(tiny_onnx_model), workdir / "tiny-64.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -493,7 +268,7 @@ def _promql(expr: str) -> str:
 
 @needs_compose
 def test_compose_config_accepted(tmp_path):
-    env = _clean_env()
+    env = clean_env()
     for files in (["docker-compose.yml"], ["docker-compose.yml", "docker/compose.gpu.yml"]):
         args = [COMPOSE, *itertools.chain.from_iterable(("-f", f) for f in files), "config"]
         res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -610,7 +385,7 @@ def test_nginx_config_policy():
         value = _seconds(_nginx_directive(conf, directive)[0])
         assert deadline < value <= deadline + 15, f"{directive} {value}s vs the service deadline {deadline}s"
     # The rewritten config is what the process tests run: nginx itself must accept it.
-    prefix = _world_readable_tmpdir("mrcnn-nginx-check-")
+    prefix = world_readable_tmpdir("mrcnn-nginx-check-")
     try:
         cfg = prefix / "nginx.conf"
         cfg.write_text(rewrite_nginx_conf(conf, [18001, 18002], 18080, prefix))
@@ -679,21 +454,16 @@ def test_k8s_probes_and_grace_period_cover_the_drain():
 # processes: topology, failover, monitoring
 
 
-def _all_ok(statuses: list[int | str | None]) -> None:
-    bad = {i: s for i, s in enumerate(statuses) if s != 200}
-    assert not bad, f"{len(bad)} of {len(statuses)} requests failed: {dict(list(bad.items())[:10])}"
-
-
 @needs_nginx
 def test_lb_spreads_requests_over_both_replicas(replicas, lb):
     before = [r.served() for r in replicas]
     statuses = Load(lb.url, 40, workers=4).start().join()
-    _all_ok(statuses)
+    all_ok(statuses)
     served = [r.served() - b for r, b in zip(replicas, before, strict=True)]
     assert sum(served) >= 40, served
     assert all(s > 0 for s in served), f"a replica served nothing: {served}"
     # /healthz and /readyz pass through the LB as well.
-    with _client(10.0) as c:
+    with http_client(10.0) as c:
         assert c.get(lb.url + "/healthz").status_code == 200
         assert c.get(lb.url + "/readyz").status_code == 200
 
@@ -705,7 +475,7 @@ def test_lb_body_limit_matches_the_service(replicas, lb):
 
     limit = Settings.model_fields["max_upload_bytes"].default
     headers = {"content-type": "image/jpeg"}
-    with _client() as c:
+    with http_client() as c:
         at_limit = c.post(lb.url + "/segment", content=b"\xff" * limit, headers=headers)
         over = c.post(lb.url + "/segment", content=b"\xff" * (limit + 1), headers=headers)
     # Not an image: the replica decodes it and says so (its own JSON error).
@@ -729,7 +499,7 @@ def test_failover_when_a_replica_is_killed(replicas, spare_replica):
         load.wait_done(load.done + 6, timeout=180)
         load.stop()
         statuses = load.join()
-        _all_ok(statuses)
+        all_ok(statuses)
         assert victim_served > 0, "the victim served nothing before it was killed"
         # nginx retried at least one request on the survivor after failing on the killed replica.
         victim_addr = f"127.0.0.1:{victim.port}"
@@ -758,7 +528,7 @@ class _Probe(threading.Thread):
     def __init__(self, url: str, body: bytes):
         super().__init__(daemon=True)
         self.url, self.body = url, body
-        self.client = _client()  # built here: its set-up is not part of the request
+        self.client = http_client()  # built here: its set-up is not part of the request
         self.sent = threading.Event()
         self.result: int | str | None = None
         self.started = self.sent_at = self.finished = 0.0
@@ -815,7 +585,7 @@ def test_sigterm_drains_without_client_errors(replicas, spare_replica):
         statuses = load.join()
         probe.join(timeout=REQUEST_TIMEOUT_S)
         # Clients of the LB never see the drain.
-        _all_ok(statuses)
+        all_ok(statuses)
         assert victim_served > 0
         assert rc == 0, f"replica exited with {rc} after SIGTERM:\n{victim.log.read_text()[-2000:]}"
         assert exited - signalled < 35, f"the drain took {exited - signalled:.1f}s (deadline 30 s)"
@@ -829,7 +599,7 @@ def test_sigterm_drains_without_client_errors(replicas, spare_replica):
 
 def _send_errors(base_url: str) -> list[int]:
     """Requests the service must refuse: undecodable (400) and unsupported type (415)."""
-    with _client() as c:
+    with http_client() as c:
         undecodable = c.post(base_url + "/segment", files={"image": ("x.png", b"not an image", "image/png")})
         unsupported = c.post(base_url + "/segment", content=b"%PDF-1.4",
                              headers={"content-type": "application/pdf"})
@@ -851,7 +621,7 @@ def test_prometheus_scrapes_replicas_and_dashboard_queries_return_data(replicas,
         time.sleep(1)
 
     assert sorted(_send_errors(lb.url)) == [400, 415]
-    _all_ok(Load(lb.url, 4, workers=2).start().join())
+    all_ok(Load(lb.url, 4, workers=2).start().join())
 
     queries = [(title, _promql(t["expr"])) for title, t in _dashboard_targets()]
     # The per-replica request rate, as the dashboard queries it, must show both replicas.
@@ -870,5 +640,5 @@ def test_prometheus_scrapes_replicas_and_dashboard_queries_return_data(replicas,
             pytest.fail(f"{len(empty)} dashboard queries return no data: {empty}; "
                         f"per-replica rate for {instances}, wanted {wanted}")
         # Keep a trickle of traffic so that rates have samples on both sides of a scrape.
-        _all_ok(Load(lb.url, 2, workers=2).start().join())
+        all_ok(Load(lb.url, 2, workers=2).start().join())
         time.sleep(1)

@@ -1,6 +1,10 @@
 """The exported ONNX graph: parity with PyTorch, padding invariance, torchvision checkpoints,
-metadata, the score_threshold input, and refusal of bad checkpoints (with no file left behind)."""
+metadata, the score_threshold input, refusal of bad checkpoints (with no file left behind), and the
+verification: a wrong graph refused, a valid checkpoint whose float32 noise is large accepted, and the
+user's --tolerance and --skip-verify recorded."""
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -8,14 +12,26 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from torchvision.models.detection import maskrcnn_resnet50_fpn
-from torchvision.models.detection.roi_heads import paste_masks_in_image
+import torch.nn.functional as F
 
 from contract import OUTPUT_NAMES
+from export.__main__ import graph_metadata, parse_args
 from export.__main__ import main as export_main
-from export.exporter import box_error, compare, mask_iou, run_onnx, run_torch, sample_batch
+from export.exporter import (
+    ExportConfig,
+    check_graph,
+    fold_batch_norms,
+    run_onnx,
+    run_torch,
+    sample_batch,
+    verification_samples,
+    verify,
+)
+from export.verification import Rule, compare
 from model.checkpoint import load_model
+from model.mask_rcnn import IMAGE_MEAN, IMAGE_STD
 from tests.conftest import SHAPE_CLASSES
+from tests.helpers import torchvision_detections, torchvision_model
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +53,11 @@ def test_onnx_runtime_matches_pytorch(session, torch_model, sizes):
     images, image_sizes = sample_batch(sizes, seed=7)
     ref = run_torch(torch_model, images, image_sizes)
     out = run_onnx(session, images, image_sizes)
-    result = compare(ref, out)
-    assert result.detections > 0
-    assert result.labels_equal
+    result = compare(ref, out, nms_threshold=0.5)
+    assert result.paired > 0 and not result.unpaired
     np.testing.assert_array_equal(ref["num_detections"], out["num_detections"])
     assert np.abs(ref["boxes"] - out["boxes"]).max() <= 1e-3  # absolute, in pixels
-    assert result.max_score_error <= 1e-4
+    assert result.figures.score <= 1e-4
     assert result.mask_iou >= 0.99
 
 
@@ -54,8 +69,9 @@ def test_padding_invariance(session):
     padded[0, :, :190, :250] = images[0, :, :190, :250]
     together = run_onnx(session, padded, torch.tensor([[190, 250], [300, 400], [300, 400]]))
     first = {k: v[:1] for k, v in together.items()}
-    result = compare(alone, first)
-    assert result.detections > 0 and result.ok(), str(result)
+    result = compare(alone, first, nms_threshold=0.5)
+    assert result.paired > 0 and not result.unpaired
+    assert result.figures.box <= 1e-3 and result.figures.score <= 1e-4 and result.figures.mask <= 1e-3
 
 
 def test_outputs_follow_the_contract(session):
@@ -91,16 +107,63 @@ def test_score_threshold_input(session):
 
 
 def test_metadata_describes_the_model(tiny_onnx_model):
-    meta = {p.key: p.value for p in onnx.load(str(tiny_onnx_model), load_external_data=False).metadata_props}
+    meta = _metadata(tiny_onnx_model)
     assert json.loads(meta["class_names"]) == SHAPE_CLASSES
     assert meta["architecture"] == "r18_fpn" and meta["mask_size"] == "28"
     assert (meta["min_size"], meta["max_size"]) == ("320", "512")
     assert meta["format_version"] == "1" and meta["detections_per_image"] == "100"
     assert float(meta["score_threshold"]) == 0.05 and float(meta["nms_threshold"]) == 0.5
-    assert meta["model_name"] == "tiny"
+    assert meta["model_name"] == "tiny" and meta["verification"] == "float32 noise x4"
     ops = {n.op_type for n in onnx.load(str(tiny_onnx_model)).graph.node}
     assert {"RoiAlign", "NonMaxSuppression"} <= ops
     assert not [n for n in onnx.load(str(tiny_onnx_model)).graph.node if n.domain not in ("", "ai.onnx")]
+
+
+def _metadata(path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def test_a_wrong_graph_is_refused(tiny_onnx_model, tiny_checkpoint):
+    """The tiny graph against its own checkpoint built with half-pixel RoIAlign (the graph has torchvision's
+    legacy mode): a real kind of export bug, and refused although its errors are small in absolute terms."""
+    rule = Rule(score_threshold=0.05, nms_threshold=0.5)
+    right = fold_batch_norms(load_model(tiny_checkpoint).model)
+    wrong = fold_batch_norms(load_model(tiny_checkpoint, aligned=True).model)
+    samples = verification_samples(320)[:1]
+    assert all(r.ok() for r in verify(right, tiny_onnx_model, samples, rule))
+    (result,) = verify(wrong, tiny_onnx_model, samples, rule)
+    assert not result.ok() and result.onnx.figures.score < 1e-2
+    assert "FAILS" in str(result) and "error" in result.problem()
+
+
+def test_skip_verify_warns_and_the_metadata_says_so(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "unverified.onnx"
+    assert export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--skip-verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: --skip-verify: the graph was NOT compared with PyTorch" in printed
+    assert "verify: ONNX Runtime" not in printed and "rule:" not in printed
+    assert _metadata(out)["verification"] == "skipped (--skip-verify)"
+
+
+def test_tolerance_warns_and_is_recorded(tiny_onnx_model, tiny_checkpoint):
+    """--tolerance 50: the rule allows 50 x float32's noise, a warning says so, and so will the metadata
+    (written as --skip-verify's is above). Checked on the session's tiny graph, without another export."""
+    args = parse_args(["--checkpoint", str(tiny_checkpoint), "--out", "x.onnx", "--tolerance", "50"])
+    loaded = load_model(tiny_checkpoint)
+    config = ExportConfig(graph_metadata(args, loaded), tolerance=args.tolerance)
+    printed = []
+    results = check_graph(fold_batch_norms(loaded.model), tiny_onnx_model, config, printed.append)
+    assert results and all(r.ok() for r in results)
+    assert printed[0].startswith("warning: --tolerance 50: ONNX Runtime may be 50 x float32's noise away")
+    assert "<= 50 x PyTorch float32's" in printed[2]
+    assert config.verification == "float32 noise x50 (--tolerance)"
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_tolerance_must_be_positive(value, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--checkpoint", "c.pt", "--out", "x.onnx", "--tolerance", value])
+    assert "--tolerance must be positive" in capsys.readouterr().err
 
 
 def test_wrong_class_count_is_refused(tiny_checkpoint, tmp_path, capsys):
@@ -127,29 +190,60 @@ def test_corrupt_checkpoint_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.pt"]
 
 
-def test_torchvision_checkpoint_gives_torchvision_detections(tmp_path):
-    """A torchvision state dict (random weights, seed 0) exported with score threshold 0, run in ONNX
-    Runtime on an image torchvision's transform leaves as it is, gives torchvision's detections."""
-    torch.manual_seed(0)
-    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=256, max_size=384, box_score_thresh=0.0)
-    tv.eval()
-    ckpt = tmp_path / "maskrcnn_resnet50_fpn.pth"
+def _shapes_images(count: int, size: int) -> torch.Tensor:
+    """``count`` synthetic shapes images (model/data/shapes.py, seed 0) at ``size`` x ``size``, normalized."""
+    from model.data.shapes import generate
+
+    images = [torch.from_numpy(generate(0, i).image).permute(2, 0, 1)[None].float() / 255 for i in range(count)]
+    batch = torch.cat([F.interpolate(im, size=(size, size), mode="bilinear") for im in images])
+    return (batch - torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def issue_checkpoint(tmp_path_factory):
+    """A checkpoint like issue 13's: torchvision's R-50-FPN with random weights (seed 0) and batch-norm
+    statistics measured on images (two synthetic shapes images), a torchvision state dict file, exported
+    as usual at a small input policy. Run on the random verification images its activations are large,
+    and so is float32's noise: two float32 implementations differ by ~2e-3 of a box's size and ~1e-4 in
+    scores. (One R-50 export, shared by the tests below.)"""
+    tv = torchvision_model("r50_fpn", calibration=_shapes_images(2, 320), min_size=320, max_size=512)
+    directory = tmp_path_factory.mktemp("issue_checkpoint")
+    ckpt, out = directory / "maskrcnn_resnet50_fpn.pth", directory / "tv.onnx"
     torch.save(tv.state_dict(), ckpt)
-    out = tmp_path / "tv.onnx"
-    assert (
-        export_main(["--checkpoint", str(ckpt), "--out", str(out), "--score-threshold", "0", "--min-size", "256"]) == 0
-    )
-    images, sizes = sample_batch([(256, 384)], seed=11)
-    onnx_out = run_onnx(ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]), images, sizes)
-    with torch.no_grad():
-        ref = tv([images[0].float() / 255])[0]
-    n = int(onnx_out["num_detections"][0])
-    assert n == len(ref["boxes"]) == 100
-    # Within 1e-3 px, or 0.1% of the box's size for larger boxes: see export.exporter.BOX_TOLERANCE.
-    assert box_error(ref["boxes"].numpy(), onnx_out["boxes"][0, :n]) <= 1e-3
-    assert np.abs(onnx_out["scores"][0, :n] - ref["scores"].numpy()).max() <= 1e-4
-    assert np.array_equal(onnx_out["labels"][0, :n], ref["labels"].numpy())
-    pasted = paste_masks_in_image(torch.from_numpy(onnx_out["masks"][0, :n, None]), ref["boxes"], (256, 384))
-    assert mask_iou(pasted[:, 0].numpy() > 0.5, ref["masks"][:, 0].numpy() > 0.5) >= 0.99
-    meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
-    assert json.loads(meta["class_names"])[1] == "person"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = export_main(["--checkpoint", str(ckpt), "--out", str(out), "--min-size", "320", "--max-size", "512"])
+    return tv, ckpt, out, code, printed.getvalue()
+
+
+def test_todays_rule_refuses_a_valid_checkpoint_the_measured_rule_accepts(issue_checkpoint):
+    """Today's rule (ONNX Runtime against PyTorch float32 within 1e-3 px or 0.1% of a box, 1e-4 in scores,
+    every detection paired, mask IoU >= 0.99) refuses this graph; the rule built on float32's measured
+    noise accepts it, and prints the rule and every figure."""
+    _, ckpt, out, code, printed = issue_checkpoint
+    assert code == 0 and out.exists(), printed
+    assert "rule: ONNX Runtime's distance to PyTorch float64 <= 4 x PyTorch float32's" in printed
+    assert printed.count("PyTorch float32 (noise): box") == 2 and "FAILS" not in printed
+    model = fold_batch_norms(load_model(ckpt).model)
+    images, sizes = verification_samples(320)[0]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    today = compare(run_torch(model, images, sizes), run_onnx(session, images, sizes), nms_threshold=0.5)
+    assert today.paired == 100  # every detection has its counterpart ...
+    assert today.figures.box > 1e-3 or today.figures.score > 1e-4  # ... yet today's fixed tolerances refuse it
+
+
+def test_torchvision_checkpoint_gives_torchvision_detections(issue_checkpoint):
+    """On an image torchvision's transform leaves as it is, ONNX Runtime's detections are torchvision's: as
+    close to the exact (float64) answer as float32's noise allows, torchvision itself being the float32 run."""
+    tv, ckpt, out, _, _ = issue_checkpoint
+    images, sizes = sample_batch([(320, 448)], seed=11)
+    reference = torchvision_detections(tv, images[0])
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    onnx_out = run_onnx(session, images, sizes)
+    exact = run_torch(load_model(ckpt).model.double(), images, sizes)
+    rule = Rule(score_threshold=0.05, nms_threshold=0.5)
+    verdict = rule.judge(compare(exact, reference, 0.5), compare(exact, onnx_out, 0.5))
+    assert verdict.ok(), str(verdict)
+    assert int(reference["num_detections"][0]) == 100 and verdict.onnx.paired >= 95
+    assert compare(reference, onnx_out, 0.5).unexplained(verdict.tolerance.score, 0.05) == []
+    assert json.loads(_metadata(out)["class_names"])[1] == "person"

@@ -6,57 +6,47 @@ against each image run alone, every error case is followed by a success, /metric
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
-import io
+import gzip
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
 
-from service.app import create_app
 from service.images import decode_image
 from service.runtime import OnnxModel, Prediction
-from service.settings import Settings
-from tests.helpers import fill_holes, free_port, iou, scene
+from tests.helpers import (
+    MAX_PIXELS,
+    MAX_UPLOAD,
+    THRESHOLD,
+    TIMEOUT,
+    ServerThread,
+    encode,
+    fill_holes,
+    iou,
+    metric_values,
+    sample,
+    scene,
+)
 
 httpx = pytest.importorskip("httpx")
 
-THRESHOLD = 0.05  # random weights give scores of ~0.2-0.3: this keeps all 100 detections
 FEW = 0.205  # fewer detections (and masks to compute) where masks are not the point
 NONE = 0.99  # no detection: the cheapest successful request
-TIMEOUT = 600  # CPU inference of the tiny model takes seconds on a busy 2-core machine
-MAX_UPLOAD = 2_000_000
-MAX_PIXELS = 4_000_000
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-
-
-def encode(img: np.ndarray, fmt: str = "PNG", **kw: Any) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def sample(values: dict, name: str, **labels: str) -> float:
-    return values.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 SCORE_TOL = 1e-4  # float noise between runs of different batch composition is ~1e-6
@@ -111,58 +101,7 @@ def reference_masks(pred: Prediction, height: int, width: int) -> np.ndarray:
     return (pasted[:, 0].numpy() > 0.5).astype(np.uint8)
 
 
-class ServerThread:
-    """uvicorn running the app in a background thread, on a free loopback port."""
-
-    def __init__(self, app: Any) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
-# ---- fixtures --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model(request: pytest.FixtureRequest) -> Path:
-    """The session's tiny exported model (tests/conftest.py); skip cleanly if this checkout lacks it."""
-    try:
-        return Path(request.getfixturevalue("tiny_onnx_model"))
-    except pytest.FixtureLookupError:
-        pytest.skip("no tiny_onnx_model fixture in tests/conftest.py")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model: Path) -> OnnxModel:
-    """The same file in a separate session: what each image gives alone."""
-    return OnnxModel(tiny_model, intra_op_threads=1)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model: Path) -> Iterator[ServerThread]:
-    settings = Settings(
-        model_path=tiny_model, max_batch_size=8, max_batch_wait_ms=150, queue_capacity=16,
-        max_upload_bytes=MAX_UPLOAD, max_image_pixels=MAX_PIXELS, score_threshold=THRESHOLD,
-        worker_threads=2, request_timeout_s=TIMEOUT,
-    )
-    app = create_app(settings)
-    with ServerThread(app) as srv:
-        srv.pipeline = app.state.pipeline
-        yield srv
+# ---- fixtures (the server and the model: tests/conftest.py) ----------------------------------------
 
 
 @pytest.fixture
@@ -308,19 +247,77 @@ def _bomb() -> bytes:
         ({"params": {"max_detections": "100000"}}, 422, "invalid_option"),
         ({"params": {"classes": "no-such-class"}}, 422, "invalid_option"),
         ({"data": {"formats": "jpeg"}}, 422, "invalid_option"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "bad_json"),
+        ({"json": ["not", "an", "object"]}, 400, "bad_json"),
+        ({"json": {"score_threshold": 0.5}}, 400, "missing_image"),
+        ({"json": {"image": "not base64!"}}, 400, "bad_base64"),
+        ({"json": {"image": "ok", "max_detections": 0}}, 422, "invalid_option"),
+        ({"json": {"image": "bomb"}}, 413, "image_too_large"),
+        ({"content": b"abc", "headers": {"content-type": "image/png", "content-encoding": "br"}}, 415,
+         "unsupported_content_encoding"),
+        ({"content": b"not gzip", "headers": {"content-type": "image/png", "content-encoding": "gzip"}}, 400,
+         "bad_content_encoding"),
+        ({"content": "gzip bomb", "headers": {"content-type": "image/png", "content-encoding": "gzip"}}, 413,
+         "payload_too_large"),
     ],
 )
 def test_errors_then_success(client: Any, kwargs: dict, status: int, code: str) -> None:
     kwargs = dict(kwargs)
-    if kwargs.get("content") == "bomb":
-        kwargs["content"] = _bomb()
-    elif kwargs.get("content") == "gif":
-        kwargs["content"] = encode(scene(4).image, "GIF")
-    if not {"content", "files"} & set(kwargs):
-        kwargs["files"] = {"image": ("ok.png", encode(scene(5).image), "image/png")}
+    made = {"bomb": _bomb, "gif": lambda: encode(scene(4).image, "GIF"), "ok": lambda: encode(scene(5).image),
+            "gzip bomb": lambda: gzip.compress(b"\0" * (MAX_UPLOAD + 1))}
+    if kwargs.get("content") in made:
+        kwargs["content"] = made[kwargs["content"]]()
+    body = kwargs.get("json")
+    if isinstance(body, dict) and body.get("image") in made:  # the JSON body's image, base64-encoded
+        kwargs["json"] = {**body, "image": base64.b64encode(made[body["image"]]()).decode()}
+    if not {"content", "files", "json"} & set(kwargs):
+        kwargs["files"] = {"image": ("ok.png", made["ok"](), "image/png")}
     r = client.post("/segment", **kwargs)
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+    ok(client)
+
+
+def test_json_body_answers_as_the_multipart_form(client: Any) -> None:
+    """The JSON body (the image base64-encoded, the options as members) gives the multipart answer: also as
+    a data: URL, gzip-compressed, and with the options in the query string."""
+    png = encode(scene(11).image)
+    classes = ["circle", "star"]
+    form = client.post("/segment", files={"image": ("a.png", png, "image/png")},
+                       data={"score_threshold": "0.1", "max_detections": "5", "classes": ",".join(classes)})
+    members = {"score_threshold": 0.1, "max_detections": 5, "classes": classes}
+    image = base64.b64encode(png).decode()
+    as_json = [
+        client.post("/segment", json={"image": image, **members}),
+        client.post("/segment", content=gzip.compress(json.dumps({"image": f"data:image/png;base64,{image}",
+                                                                  **members}).encode()),
+                    headers={"content-type": "application/json", "content-encoding": "gzip"}),
+        client.post("/segment", params={**members, "classes": ",".join(classes)}, json={"image": image}),
+    ]
+
+    def answer(r: Any) -> dict:
+        assert r.status_code == 200, r.text
+        return {k: v for k, v in r.json().items() if k not in ("timings", "batch_size")}
+
+    expected = answer(form)
+    assert expected["detections"] and {d["label"] for d in expected["detections"]} <= set(classes)
+    assert all(answer(r) == expected for r in as_json)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_oversized_body_gets_the_413_even_while_its_client_writes(
+    server: ServerThread, client: Any, chunked: bool
+) -> None:
+    """urllib sends the whole body before it reads the answer: the server reads and drops the rest of an
+    oversized body, instead of closing on it (a reset the client would see instead of the 413)."""
+    size = 3 * MAX_UPLOAD
+    data: Any = iter([b"\0" * 65536] * (size // 65536)) if chunked else b"\0" * size
+    request = urllib.request.Request(server.url + "/segment", data=data, headers={"Content-Type": "image/png"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        opener.open(request, timeout=TIMEOUT)
+    assert refused.value.code == 413
+    assert json.loads(refused.value.read())["error"]["code"] == "payload_too_large"
     ok(client)
 
 
@@ -405,10 +402,10 @@ def test_metrics_count_requests(client: Any) -> None:
         return sample(after, name, **labels) - sample(before, name, **labels)
 
     assert [r.status_code for r in good] == [200] * 3 and [r.status_code for r in bad] == [400, 422, 422]
-    assert delta("mrcnn_requests_total", status="200") == 3
-    assert delta("mrcnn_requests_total", status="400") == 1
-    assert delta("mrcnn_requests_total", status="422") == 2
-    assert delta("mrcnn_request_duration_seconds_count", status="200") == 3
+    assert delta("mrcnn_requests_total", route="segment", status="200") == 3
+    assert delta("mrcnn_requests_total", route="segment", status="400") == 1
+    assert delta("mrcnn_requests_total", route="segment", status="422") == 2
+    assert delta("mrcnn_request_duration_seconds_count", route="segment", status="200") == 3
     assert delta("mrcnn_detections_total") == sum(len(r.json()["detections"]) for r in good)
     assert delta("mrcnn_batch_size_sum") == 3 and delta("mrcnn_queue_wait_seconds_count") == 3
     assert delta("mrcnn_inference_duration_seconds_count") >= 1

@@ -1,10 +1,13 @@
 """The request pipeline on its own: Triton's execute contract (one result or error per request), the
-lifecycle states, the options declared once, and the response's three steps."""
+lifecycle states, the options declared once, the response's three steps, and the one work step that
+every front door shares."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from service.pipeline import InferenceRequest, Pipeline
 from service.render import encode_detections, filter_detections, serialize
 from service.runtime import OnnxModel
 from service.settings import Settings
-from tests.helpers import scene
+from tests.helpers import encode, scene
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,7 @@ def test_lifecycle_states(pipeline: Pipeline) -> None:
         states.append(pipeline.state)
         await pipeline.stop()
         with pytest.raises(ApiError) as refused:
-            async with pipeline.admitted(0.0):
+            async with pipeline.admitted("segment", 0.0):
                 pass
         assert refused.value.status == 503 and refused.value.code == "shutting_down"
         return states
@@ -110,3 +113,33 @@ def test_filter_encode_serialize(pipeline: Pipeline) -> None:
     assert [d["label"] for d in body["detections"]] == [first] * len(kept.scores)
     assert all("polygons" not in d and d["mask"]["size"] == [120, 160] for d in body["detections"])
     assert body["timings"]["decode_ms"] == 1.0 and body["timings"]["total_ms"] > 0
+
+
+def test_segment_takes_a_file_or_pixels_and_encodes_only_what_is_asked(pipeline: Pipeline) -> None:
+    """Both front doors' inputs (an encoded file, RGB pixels) give the same detections; the pixel limit
+    applies to pixels too; no mask encoding is computed that the request did not ask for."""
+    info = pipeline.model.metadata
+    img = scene(6, (80, 100)).image
+    rle_only = resolve(SegmentOptions(formats=["rle"]), 0.05, info)
+    fresh = Pipeline(pipeline.settings.model_copy(update={"max_image_pixels": 80 * 100}), pipeline.model)
+
+    async def main() -> tuple:
+        await fresh.start()
+        try:
+            async with fresh.admitted("v2", time.perf_counter()) as slot:
+                from_file = await fresh.segment(slot, encode(img), rle_only)
+            async with fresh.admitted("v2", time.perf_counter()) as slot:
+                from_pixels = await fresh.segment(slot, img, replace(rle_only, rle=False))
+            with pytest.raises(ApiError) as too_large:
+                async with fresh.admitted("v2", time.perf_counter()) as slot:
+                    await fresh.segment(slot, np.zeros((81, 100, 3), np.uint8), rle_only)
+        finally:
+            await fresh.stop()
+        return from_file, from_pixels, too_large.value
+
+    from_file, from_pixels, too_large = asyncio.run(main())
+    assert len(from_file.prediction.scores) > 0
+    np.testing.assert_array_equal(from_file.prediction.scores, from_pixels.prediction.scores)
+    assert from_file.masks.polygons is None and len(from_file.masks.rles) == len(from_file.prediction.scores)
+    assert from_pixels.masks is None
+    assert too_large.status == 413 and too_large.code == "image_too_large"

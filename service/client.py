@@ -1,0 +1,240 @@
+"""A Python client of the service, and the overlay command.
+
+    from service.client import SegmentClient, draw
+    client = SegmentClient("http://127.0.0.1:8000")
+    detections = client.segment("photo.jpg", score_threshold=0.6)   # masks decoded to numpy
+    picture = draw(image_rgb, detections)                            # the web page's overlay
+
+    python -m service.client IMAGE... --url URL --out DIR [--json]    # also installed as mrcnn-segment
+
+HTTP is the standard library's http.client (the image goes as the raw body, the options in the query
+string; ``send_until_answered`` says why not urllib), masks are decoded by pycocotools and the picture
+is drawn by service/overlay.py: nothing beyond the service's own dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import mimetypes
+import os
+import select
+import sys
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from service.images import decode_image
+from service.options import SegmentOptions
+from service.overlay import draw
+
+__all__ = ["Detection", "SegmentClient", "SegmentError", "detections_of", "draw", "main"]
+DEFAULT_URL = os.environ.get("MRCNN_URL", "http://127.0.0.1:8000")
+OPTION_NAMES = tuple(SegmentOptions.model_fields)
+SEND_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detection of a response, its mask as a boolean [H, W] array of the whole image."""
+
+    label: str
+    class_id: int
+    score: float
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in the image's pixels
+    area: int
+    mask: np.ndarray | None  # None when the request left rle out of its formats
+    polygons: list[list[float]] | None
+
+
+class SegmentError(Exception):
+    """The server refused the request (``status`` and ``code`` are its), or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def detections_of(body: dict) -> list[Detection]:
+    """The detections of a /segment response, the RLE masks decoded in one pycocotools call."""
+    dets = body["detections"]
+    masks = None
+    if dets and all("mask" in d for d in dets):
+        masks = mask_utils.decode([d["mask"] for d in dets]).astype(bool)  # [H, W, N]
+    return [
+        Detection(
+            label=d["label"], class_id=d["class_id"], score=d["score"], box=tuple(d["box"]), area=d["area"],
+            mask=None if masks is None else masks[:, :, i], polygons=d.get("polygons"),
+        )
+        for i, d in enumerate(dets)
+    ]
+
+
+class SegmentClient:
+    """The service at ``url``; every call is one HTTP request, errors are SegmentError."""
+
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def model(self) -> dict:
+        """GET /v1/model: name, version, classes, input policy."""
+        return json.loads(self._exchange("GET", "/v1/model"))
+
+    def request(self, image: str | os.PathLike | bytes, **options: object) -> dict:
+        """POST /segment: the parsed response. ``options`` are /segment's (score_threshold,
+        max_detections, classes, formats; lists may be given as lists); formats defaults to rle."""
+        unknown = sorted(set(options) - set(OPTION_NAMES))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; /segment takes {list(OPTION_NAMES)}")
+        options.setdefault("formats", "rle")
+        query = urllib.parse.urlencode(
+            {k: ",".join(map(str, v)) if isinstance(v, list | tuple) else v for k, v in options.items()
+             if v is not None}
+        )
+        data, content_type = read_image(image)
+        return json.loads(self._exchange("POST", f"/segment?{query}", data, content_type))
+
+    def segment(self, image: str | os.PathLike | bytes, **options: object) -> list[Detection]:
+        """POST /segment: the detections, best first, masks decoded."""
+        return detections_of(self.request(image, **options))
+
+    def _exchange(self, method: str, path: str, body: bytes = b"", content_type: str | None = None) -> bytes:
+        """One request on a fresh connection; the body's 2xx answer, or SegmentError."""
+        parts = urllib.parse.urlsplit(self.url)
+        connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = connection(parts.netloc, timeout=self.timeout)
+        try:
+            conn.putrequest(method, parts.path + path)
+            if content_type:
+                conn.putheader("Content-Type", content_type)
+            if body or method == "POST":
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders()
+            send_until_answered(conn, body)
+            response = conn.getresponse()
+            data = response.read()
+        except TimeoutError:
+            raise SegmentError(f"no answer from {self.url} within {self.timeout:g} s") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise SegmentError(f"cannot reach the server at {self.url} ({exc or type(exc).__name__})") from None
+        finally:
+            conn.close()
+        if response.status >= 400:
+            raise refusal(response.status, data)
+        return data
+
+
+def send_until_answered(conn: http.client.HTTPConnection, body: bytes) -> None:
+    """Send ``body``, stopping early if the server answers first.
+
+    The server refuses a body over its limit (413) from the declared Content-Length alone and closes the
+    connection without reading the rest; a client that kept sending would get a connection reset instead
+    of the server's message (urllib does). So the socket is checked for an answer between chunks.
+    """
+    view = memoryview(body)
+    for start in range(0, len(view), SEND_CHUNK):
+        if select.select([conn.sock], [], [], 0)[0]:
+            return
+        try:
+            conn.sock.sendall(view[start : start + SEND_CHUNK])
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the answer, if any, is read next
+
+
+def refusal(status: int, body: bytes) -> SegmentError:
+    """The server's own message, from its JSON error body when it has one."""
+    try:
+        error = json.loads(body)["error"]
+        return SegmentError(f"{status} {error['code']}: {error['message']}", status, error["code"])
+    except (ValueError, KeyError, TypeError):
+        text = body.decode("utf-8", "replace").strip().splitlines()
+        return SegmentError(f"{status}: {text[0] if text else 'no message'}", status)
+
+
+def read_image(image: str | os.PathLike | bytes) -> tuple[bytes, str]:
+    """The bytes to send and their content type (from the file name; unknown: the server sniffs)."""
+    if isinstance(image, bytes | bytearray):
+        return bytes(image), "application/octet-stream"
+    path = Path(image)
+    data = path.read_bytes()
+    guessed = mimetypes.guess_type(path.name)[0]
+    return data, guessed if guessed and guessed.startswith("image/") else "application/octet-stream"
+
+
+# ---- the command -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m service.client",
+                                description="Segment images with the service and write their overlays.")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--url", default=DEFAULT_URL, help=f"the service (default: MRCNN_URL or {DEFAULT_URL})")
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for IMAGE-stem.overlay.png (default: .)")
+    p.add_argument("--score-threshold", type=float, help="drop detections at or below it (default: the server's)")
+    p.add_argument("--max-detections", type=int)
+    p.add_argument("--classes", help="class names to keep, comma-separated")
+    p.add_argument("--json", action="store_true", help="print each raw response (one line each) instead of a table")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    return p.parse_args(argv)
+
+
+def table(dets: Sequence[Detection]) -> str:
+    rows = [f"  {'label':<14} {'score':>6}  {'box (x1, y1, x2, y2)':<28} {'area':>8}"]
+    for d in dets:
+        box = "[" + ", ".join(f"{v:.1f}" for v in d.box) + "]"
+        rows.append(f"  {d.label:<14} {d.score:>6.3f}  {box:<28} {d.area:>8}")
+    return "\n".join(rows)
+
+
+def overlay_png(data: bytes, dets: Sequence[Detection]) -> bytes:
+    """The overlay of the image as the server decoded it (orientation applied), as PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(draw(decode_image(data, sys.maxsize), dets)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """0 when every image was segmented, 1 otherwise (one ``error:`` line per failure)."""
+    args = parse_args(argv)
+    client = SegmentClient(args.url, args.timeout)
+    options = {"score_threshold": args.score_threshold, "max_detections": args.max_detections,
+               "classes": args.classes}
+    failed = False
+    for path in args.images:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            print(f"error: {path}: cannot read it ({exc.strerror or exc})", file=sys.stderr)
+            failed = True
+            continue
+        try:
+            body = client.request(data, **options)
+        except SegmentError as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            if exc.status is None:  # the server is down: every other image would fail too
+                return 1
+            failed = True
+            continue
+        dets = detections_of(body)
+        out = args.out / f"{path.stem}.overlay.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(overlay_png(data, dets))  # encoded first, so a failure leaves no half file
+        if args.json:
+            print(json.dumps(body, separators=(",", ":")))
+        else:
+            total = body["timings"]["total_ms"]
+            print(f"{path}: {len(dets)} detection(s) in {total:.0f} ms -> {out}")
+            print(table(dets))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
