@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.export_speed
 	$(PY) -m benchmarks.postprocess_speed
 	$(PY) -m benchmarks.serve_load
+	$(PY) -m benchmarks.int8_speed
 
 deploy-deps:
 	bash scripts/install_deploy_deps.sh

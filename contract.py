@@ -61,6 +61,9 @@ class GraphMetadata:
     detections_per_image: int = DEFAULT_DETECTIONS_PER_IMAGE
     weights: str = "float32"  # or "float16" when the file stores its weights half-size
     verification: str = "unknown"  # how the exporter verified the file (CONTRACT.md), e.g. "float32 noise x4"
+    # Empty for a float graph; for an int8 one (python -m export.quantize) a JSON object: the recipe,
+    # which node families are int8 and which float, the calibration method and image count.
+    quantization: str = ""
 
     def to_props(self) -> dict[str, str]:
         return {
@@ -79,7 +82,7 @@ class GraphMetadata:
             "normalization": "in_graph",
             "weights": self.weights,
             "verification": self.verification,
-        }
+        } | ({"quantization": self.quantization} if self.quantization else {})
 
     @classmethod
     def from_props(cls, props: dict[str, str], default_name: str) -> GraphMetadata:
@@ -108,6 +111,7 @@ class GraphMetadata:
                 detections_per_image=int(props.get("detections_per_image", DEFAULT_DETECTIONS_PER_IMAGE)),
                 weights=props.get("weights", "float32"),
                 verification=props.get("verification", "unknown"),
+                quantization=props.get("quantization", ""),
             )
         except ValueError as exc:
             raise MetadataError(f"bad metadata: {exc}") from None

@@ -44,6 +44,10 @@ class Benchmark(NamedTuple):
     section: str  # of RESULTS.md
     targets: str
 
+    def eager(self, graph: Path) -> Path | None:
+        """``engine_worker``'s path for the eager engine: torchvision's model, or ours from the graph's checkpoint."""
+        return None if self.baseline == "torchvision" else checkpoint_path(graph)
+
 
 BENCHMARKS = {
     "r50_fpn": Benchmark(
@@ -118,7 +122,7 @@ def checkpoint_path(graph: Path) -> Path:
     return graph.with_suffix(".pt")
 
 
-def export_graph(arch: str, path: Path, queue: mp.Queue) -> None:
+def export_graph(path: Path, arch: str, queue: mp.Queue) -> None:
     import torch
 
     from export.__main__ import main
@@ -135,13 +139,13 @@ def export_graph(arch: str, path: Path, queue: mp.Queue) -> None:
     queue.put((elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
-def _eager_forward(path: Path, height: int, width: int, batch: int):
+def _eager_forward(checkpoint: Path, height: int, width: int, batch: int):
     """A timed-ready call of our PyTorch model (the graph's checkpoint) in eager mode on the graph's inputs."""
     import torch
 
     from model.checkpoint import load_model
 
-    model = load_model(checkpoint_path(path), score_thresh=0.0).model
+    model = load_model(checkpoint, score_thresh=0.0).model
     images, sizes = (torch.from_numpy(a) for a in pad_batch(list(_images(height, width, batch).numpy())))
 
     def forward():
@@ -172,19 +176,21 @@ def _onnx_forward(session, height: int, width: int, batch: int):
     return forward
 
 
-def engine_worker(engine: str, path: Path, case: tuple, conn: Connection) -> None:
-    """A long-lived child running one engine: builds it once, warms it up, then answers each request
-    on ``conn`` with the seconds of one forward pass, and finally with its peak RSS in MiB."""
+def engine_worker(path: Path | None, case: tuple, conn: Connection) -> None:
+    """A long-lived child running one engine: torchvision eager when ``path`` is None, the graph when it is
+    an ``.onnx`` file, else our PyTorch model in eager mode from the checkpoint at ``path``. It builds the
+    engine once, warms it up, then answers each request on ``conn`` with the seconds of one forward pass,
+    and finally with its peak RSS in MiB."""
     import torch
 
     torch.set_num_threads(THREADS)
     _, height, width, batch = case
-    if engine == "torchvision":
+    if path is None:
         forward = _torchvision_forward(height, width, batch)
-    elif engine == "our eager":
-        forward = _eager_forward(path, height, width, batch)
-    else:
+    elif path.suffix == ".onnx":
         forward = _onnx_forward(_onnx_session(path), height, width, batch)
+    else:
+        forward = _eager_forward(path, height, width, batch)
     forward()
     conn.send("ready")
     while conn.recv():
@@ -194,15 +200,15 @@ def engine_worker(engine: str, path: Path, case: tuple, conn: Connection) -> Non
     conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def compare(path: Path, case: tuple, rounds: int, baseline: str) -> dict:
-    """The eager ``baseline`` and ours alternating, one forward each per round, each engine in its own waiting
-    child (only one runs at a time), so that both see the same machine and drift cancels in each round's ratio."""
-    engines = (baseline, "ours")
+def alternate(engines: dict[str, Path | None], case: tuple, rounds: int) -> tuple[dict[str, list[float]], dict]:
+    """Engines (name -> ``engine_worker``'s path) alternating, one forward each per round, each in
+    its own waiting child (only one runs at a time), so that all see the same machine and drift cancels
+    in each round's ratios. Returns each engine's seconds per round and its peak RSS in MiB."""
     ctx = mp.get_context("spawn")
     pipes, children = {}, []
-    for engine in engines:
+    for engine, path in engines.items():
         parent_end, child_end = ctx.Pipe()
-        children.append(ctx.Process(target=engine_worker, args=(engine, path, case, child_end)))
+        children.append(ctx.Process(target=engine_worker, args=(path, case, child_end)))
         children[-1].start()
         assert parent_end.recv() == "ready"  # built one after the other: peak memory is not shared
         pipes[engine] = parent_end
@@ -216,12 +222,24 @@ def compare(path: Path, case: tuple, rounds: int, baseline: str) -> dict:
         conn.send(False)
         peak_mb[engine] = conn.recv()
         child.join()
-    ratios = [eager / ours for eager, ours in zip(times[baseline], times["ours"], strict=True)]
+    return times, peak_mb
+
+
+def ratio_stats(slower: list[float], faster: list[float]) -> tuple[float, float, float]:
+    """Median, min and max of the per-round ratios slower / faster."""
+    ratios = [s / f for s, f in zip(slower, faster, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def compare(path: Path, case: tuple, rounds: int, baseline: Path | None) -> dict:
+    """The eager engine ``baseline`` (see ``engine_worker``) and ours alternating (see ``alternate``)."""
+    times, peak_mb = alternate({"eager": baseline, "ours": path}, case, rounds)
+    ratio, low, high = ratio_stats(times["eager"], times["ours"])
     return {
-        "ms": {"eager" if engine == baseline else engine: statistics.median(t) * 1000 for engine, t in times.items()},
-        "ratio": statistics.median(ratios),
-        "ratio_range": (min(ratios), max(ratios)),
-        "peak_mb": {"eager" if engine == baseline else engine: mb for engine, mb in peak_mb.items()},
+        "ms": {engine: statistics.median(t) * 1000 for engine, t in times.items()},
+        "ratio": ratio,
+        "ratio_range": (low, high),
+        "peak_mb": peak_mb,
     }
 
 
@@ -265,9 +283,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{args.arch}.onnx"
-        export_s, export_mb = _in_child(export_graph, args.arch, path)
+        export_s, export_mb = _in_child(export_graph, path, args.arch)
         for case in CASES:
-            row = compare(path, case, args.rounds, bench.baseline)
+            row = compare(path, case, args.rounds, bench.eager(path))
             rows.append((case, row))
             eager_ms, ort_ms = row["ms"]["eager"], row["ms"]["ours"]
             print(f"{case[0]}: {bench.baseline} {eager_ms:.0f} ms, ours {ort_ms:.0f} ms, speed-up {row['ratio']:.2f}x "

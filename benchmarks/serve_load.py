@@ -104,6 +104,13 @@ def start_server(model: Path, port: int, env: dict[str, str]) -> subprocess.Pope
     raise SystemExit("server did not become ready")
 
 
+def server_env(max_batch_size: int, max_batch_wait_ms: float, concurrency: int) -> dict[str, str]:
+    """The server's settings for a load test: batching as given, room in the queue for every client, and
+    no deadline (a slow machine must not turn latency into errors)."""
+    return {"MRCNN_MAX_BATCH_SIZE": str(max_batch_size), "MRCNN_MAX_BATCH_WAIT_MS": str(max_batch_wait_ms),
+            "MRCNN_QUEUE_CAPACITY": str(max(64, 2 * concurrency)), "MRCNN_REQUEST_TIMEOUT_S": "3600"}
+
+
 def batch_stats(url: str) -> tuple[float, float]:
     """(count, sum) of the server's mrcnn_batch_size histogram."""
     import httpx
@@ -179,9 +186,8 @@ def main(argv: list[str] | None = None) -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {"MRCNN_MAX_BATCH_SIZE": str(args.max_batch_size), "MRCNN_MAX_BATCH_WAIT_MS": str(args.max_batch_wait_ms),
-           "MRCNN_QUEUE_CAPACITY": str(max(64, 2 * max(args.concurrency))), "MRCNN_REQUEST_TIMEOUT_S": "3600"}
-    server = start_server(args.model, port, env)
+    server = start_server(args.model, port, server_env(args.max_batch_size, args.max_batch_wait_ms,
+                                                       max(args.concurrency)))
     rows = []
     try:
         asyncio.run(load(url, bodies[:2], 1, 2, params))  # warm the server's paths

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,13 +112,18 @@ def round_weights_to_fp16(model: nn.Module) -> None:
                 tensor.copy_(tensor.half().float())
 
 
-def store_weights_fp16(graph_model: onnx.ModelProto, min_elements: int = 1024) -> None:
-    """Store large float32 initializers as float16 behind a Cast to float32: half the file size, while
-    the computation stays float32 (ONNX Runtime folds the Casts when it loads the file)."""
+def store_weights_fp16(
+    graph_model: onnx.ModelProto, min_elements: int = 1024, names: Container[str] | None = None
+) -> None:
+    """Store large float32 initializers (only those in ``names``, when given) as float16 behind a Cast to
+    float32: half the file size, while the computation stays float32 (ONNX Runtime folds the Casts when
+    it loads the file)."""
     graph = graph_model.graph
     casts = []
     for init in graph.initializer:
         if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < min_elements:
+            continue
+        if names is not None and init.name not in names:
             continue
         array = onnx.numpy_helper.to_array(init).astype(np.float16)
         name = init.name
@@ -125,6 +131,29 @@ def store_weights_fp16(graph_model: onnx.ModelProto, min_elements: int = 1024) -
         casts.append(onnx.helper.make_node("Cast", [f"{name}__fp16"], [name], to=onnx.TensorProto.FLOAT))
     for node in reversed(casts):
         graph.node.insert(0, node)
+
+
+def load_weights_fp32(graph_model: onnx.ModelProto) -> list[str]:
+    """Undo ``store_weights_fp16``: every float16 initializer read through a Cast to float32 becomes a
+    float32 initializer under the Cast's output name, and the Cast goes. Returns those names.
+
+    Tools that find weights by looking for initializers (ONNX Runtime's quantizer among them) see the
+    weights again; the values are exactly the ones the Casts produced.
+    """
+    graph = graph_model.graph
+    halves = {init.name: init for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT16}
+    casts = [
+        node for node in graph.node
+        if node.op_type == "Cast" and node.input[0] in halves
+        and onnx.helper.get_attribute_value(node.attribute[0]) == onnx.TensorProto.FLOAT
+    ]
+    for node in casts:
+        half = halves[node.input[0]]
+        array = onnx.numpy_helper.to_array(half).astype(np.float32)
+        graph.initializer.remove(half)
+        graph.initializer.append(onnx.numpy_helper.from_array(array, node.output[0]))
+        graph.node.remove(node)
+    return [node.output[0] for node in casts]
 
 
 def sample_batch(sizes: list[tuple[int, int]], seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -78,7 +78,9 @@ class PaddingMasks:
 
     ``relu(x, stride)`` is ``ReLU(x)`` zeroed outside: ReLU(x + bias) with bias 0 inside and the most
     negative float outside, which ONNX Runtime fuses into the convolution that produced ``x``.
-    ``zero(x, stride)`` multiplies by 0/1, for activations without a ReLU (the FPN's).
+    ``zero(x, stride)`` multiplies by 0/1, for activations without a ReLU (the FPN's). The int8 graph
+    cannot quantize that bias: export/quantize.py (``masks_as_multiplies``) recognizes this exported form
+    and rewrites it as multiplies, so a change here needs one there.
     """
 
     def __init__(self, image_sizes: Tensor):

@@ -3,6 +3,8 @@ the metadata a file must carry, written and read back."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +49,14 @@ def test_metadata_round_trip() -> None:
     props = _metadata().to_props()
     assert all(isinstance(v, str) for v in props.values()) and props["format_version"] == "1"
     assert GraphMetadata.from_props(props, "file-stem") == _metadata()
+
+
+def test_quantization_entry_only_in_quantized_files() -> None:
+    """A float file has no ``quantization`` key (files exported before it existed read the same); an int8
+    one carries it and reads it back."""
+    assert "quantization" not in _metadata().to_props()
+    int8 = dataclasses.replace(_metadata(), quantization='{"recipe": "r"}')
+    assert GraphMetadata.from_props(int8.to_props(), "m") == int8
 
 
 def test_missing_optional_metadata_takes_the_defaults() -> None:

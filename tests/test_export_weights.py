@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from export.exporter import fold_batch_norms, round_weights_to_fp16, store_weights_fp16
+from export.exporter import fold_batch_norms, load_weights_fp32, round_weights_to_fp16, store_weights_fp16
 
 
 def _randomize(bn: nn.Module) -> nn.Module:
@@ -125,3 +125,20 @@ def test_fp16_file_computes_like_the_rounded_float32_weights():
     rounded = _conv_graph(weight.astype(np.float16).astype(np.float32), bias)
     np.testing.assert_array_equal(_run(stored, x), _run(rounded, x))
     assert not np.array_equal(_run(stored, x), _run(_conv_graph(weight, bias), x))
+
+
+def test_load_weights_fp32_undoes_the_storage_and_names_limit_it():
+    """load_weights_fp32 gives back float32 initializers under the weights' own names, without the Casts
+    (what ONNX Runtime's quantizer needs to find weights), with the values the Casts produced."""
+    rng = np.random.default_rng(2)
+    weight = rng.normal(size=(16, 8, 3, 3)).astype(np.float32)
+    bias = rng.normal(size=16).astype(np.float32)
+    graph_model = _conv_graph(weight, bias)
+    store_weights_fp16(graph_model, names={"B"})  # B is too small anyway: nothing is stored half-size
+    assert all(init.data_type != TensorProto.FLOAT16 for init in graph_model.graph.initializer)
+    store_weights_fp16(graph_model, names={"W"})
+    assert load_weights_fp32(graph_model) == ["W"]
+    onnx.checker.check_model(graph_model)
+    assert "Cast" not in {node.op_type for node in graph_model.graph.node}
+    loaded = {init.name: onnx.numpy_helper.to_array(init) for init in graph_model.graph.initializer}
+    np.testing.assert_array_equal(loaded["W"], weight.astype(np.float16).astype(np.float32))
