@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         validation = write_coco(tmp / "validation", args.eval_images, VALIDATION_SEED).parent
         demo = demo_rows(args.recipes, calibration, validation, tmp, args.eval_images)
         graph = tmp / "r50.onnx"
-        _in_child(export_graph, graph)
+        _in_child(export_graph, graph, "r50_fpn")
         engines: dict[str, Path | None] = {"torchvision": None, "float32": graph}
         sizes = {"float32": graph.stat().st_size / 2**20}
         for recipe in args.recipes:

@@ -1,5 +1,5 @@
-"""Anchors for the FPN RPN (Mask R-CNN, section 3; FPN paper, section 4.1): one scale per level,
-32 to 512 pixels on P2 to P6, three aspect ratios each."""
+"""Anchors for the RPN (Mask R-CNN, section 3; FPN paper, section 4.1): 5 scales, 32 to 512 pixels, x 3
+aspect ratios. With FPN one scale per level, P2 to P6; with the C4 head all five on its one level."""
 
 from __future__ import annotations
 
@@ -7,19 +7,24 @@ import torch
 from torch import Tensor
 
 from contract import padded_size
-from model.backbone import valid_extent
+from model.backbone import FPN_STRIDES, valid_extent
 
 ANCHOR_SIZES = (32, 64, 128, 256, 512)  # one per FPN level, P2..P6
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
+# The RPN's levels: (stride, anchor sizes at that level).
+AnchorLevels = tuple[tuple[int, tuple[int, ...]], ...]
+FPN_ANCHORS: AnchorLevels = tuple((stride, (size,)) for stride, size in zip(FPN_STRIDES, ANCHOR_SIZES, strict=True))
 
 
-def cell_anchors(size: int, ratios: tuple[float, ...] = ASPECT_RATIOS) -> Tensor:
-    """The [A, 4] anchors centred on (0, 0), rounded like torchvision's AnchorGenerator."""
+def cell_anchors(sizes: int | tuple[int, ...], ratios: tuple[float, ...] = ASPECT_RATIOS) -> Tensor:
+    """The [A, 4] anchors of one level centred on (0, 0), A = len(ratios) x len(sizes), ordered and rounded
+    like torchvision's AnchorGenerator (all sizes of the first ratio, then of the next)."""
+    scales = torch.as_tensor(sizes if isinstance(sizes, tuple) else (sizes,), dtype=torch.float32)
     ratios_t = torch.as_tensor(ratios, dtype=torch.float32)
     h_ratios = torch.sqrt(ratios_t)
     w_ratios = 1 / h_ratios
-    ws = w_ratios * size
-    hs = h_ratios * size
+    ws = (w_ratios[:, None] * scales[None, :]).view(-1)
+    hs = (h_ratios[:, None] * scales[None, :]).view(-1)
     return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
 
 

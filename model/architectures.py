@@ -1,7 +1,9 @@
 """The Mask R-CNN instantiations this project builds, one explicit entry each.
 
 An entry says what tells it from the others (Mask R-CNN, section 3.1 "Network Architecture": the
-backbone's depth, the heads); ``build_model`` reads it. ``r50_fpn_v2`` is torchvision's improved
+backbone's body, the heads); ``build_model`` reads it. The paper's Table 2a compares R-50-C4, R-101-C4,
+R-50-FPN, R-101-FPN and X-101-FPN (ResNeXt-101 32x8d, Xie et al., arXiv 1611.05431); the C4 entries
+are the Faster R-CNN ResNet head (model/c4.py). ``r50_fpn_v2`` is torchvision's improved
 recipe (``maskrcnn_resnet50_fpn_v2``, after Li et al., "Benchmarking Detection Transfer Learning with
 Vision Transformers", arXiv 2111.11429): batch norm in the FPN and in the heads, a two-convolution RPN
 head and a box head of four convolutions and one fully connected layer. Adding an instantiation is
@@ -11,6 +13,7 @@ adding an entry here, and a field where it needs a kind of layer no entry has ye
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -20,9 +23,27 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 NORM_LAYERS: dict[str, type[nn.Module]] = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
 
 
+class ProposalCounts(NamedTuple):
+    """RPN proposals per image: the best ``pre_nms_*`` anchors of each level go into NMS, the best
+    ``post_nms_*`` survivors are kept, in training and at test time."""
+
+    pre_nms_train: int
+    post_nms_train: int
+    pre_nms_test: int
+    post_nms_test: int
+
+
+# FPN: torchvision's and Detectron2's counts. C4: Detectron2's C4 counts (Faster R-CNN's 6000 before NMS at
+# test time) and the paper's 300 proposals at test time (section 3.1, "Inference": 300 for C4, 1000 for FPN).
+FPN_PROPOSALS = ProposalCounts(2000, 2000, 1000, 1000)
+C4_PROPOSALS = ProposalCounts(12000, 2000, 6000, 300)
+
+
 @dataclass(frozen=True)
 class Architecture:
-    depth: int  # ResNet depth of the body
+    body: str  # torchvision's ResNet builder of the body (model.backbone.RESNET_LAYOUTS); its ImageNet weights load
+    head: str = "fpn"  # "fpn": FPN backbone and heads; "c4": RoIs from C4, res5 per RoI as the box head
+    proposals: ProposalCounts = FPN_PROPOSALS
     fpn_norm: bool = False  # a batch norm after each FPN convolution
     rpn_convs: int = 1  # 3x3 convolutions of the RPN head before its two 1x1 outputs
     box_head_convs: int = 0  # 0: the paper's two fully connected layers; n: n 3x3 convolutions, then one
@@ -31,17 +52,20 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "r18_fpn": Architecture(depth=18),
-    "r50_fpn": Architecture(depth=50, torchvision_builder="maskrcnn_resnet50_fpn"),
-    "r101_fpn": Architecture(depth=101),
+    "r18_fpn": Architecture(body="resnet18"),
+    "r50_fpn": Architecture(body="resnet50", torchvision_builder="maskrcnn_resnet50_fpn"),
+    "r101_fpn": Architecture(body="resnet101"),
+    "x101_fpn": Architecture(body="resnext101_32x8d"),
     "r50_fpn_v2": Architecture(
-        depth=50,
+        body="resnet50",
         fpn_norm=True,
         rpn_convs=2,
         box_head_convs=4,
         head_norm=True,
         torchvision_builder="maskrcnn_resnet50_fpn_v2",
     ),
+    "r50_c4": Architecture(body="resnet50", head="c4", proposals=C4_PROPOSALS),
+    "r101_c4": Architecture(body="resnet101", head="c4", proposals=C4_PROPOSALS),
 }
 
 

@@ -23,7 +23,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 FPN_CHANNELS = 256
 # Strides of the pyramid's levels P2..P6 relative to the input (FPN paper, section 3: C2..C5 halve the
 # resolution stage by stage, P6 subsamples P5). RoIs are pooled from P2..P5, anchors placed on all five.
-FPN_STRIDES = (4, 8, 16, 32, 64)
+STAGE_STRIDES = (4, 8, 16, 32)  # C2..C5: the stem and its max-pool quarter the input, each stage halves it
+FPN_STRIDES = (*STAGE_STRIDES, 64)
 POOLED_STRIDES = FPN_STRIDES[:4]
 
 
@@ -123,70 +124,110 @@ def _basic_block(block: BasicBlock, x: Tensor, masks: PaddingMasks, stride: int)
     return block.relu(out + identity)
 
 
-def _slim_resnet18(width: int, norm_layer: type[nn.Module]) -> nn.Module:
-    """ResNet-18's layout with ``width`` channels in the stem (64 in the original), from torchvision's
-    BasicBlock: a quarter of the parameters at width 32, for a small bundled model."""
+# torchvision's ResNet builders -> their layout: block, blocks per stage, groups and width per group of the
+# 3x3 convolutions (ResNeXt's cardinality and bottleneck width, Xie et al., arXiv 1611.05431). At the stem
+# width 64 the builder itself makes the body (its names, shapes and init); other widths follow the layout.
+RESNET_LAYOUTS: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, ...], int, int]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 1, 64),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 1, 64),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), 1, 64),
+    "resnext101_32x8d": (Bottleneck, (3, 4, 23, 3), 32, 8),
+}
+
+
+def resnet_body(name: str, norm_layer: type[nn.Module], width: int = 64) -> nn.Module:
+    """The ResNet body of torchvision's builder ``name`` (a key of RESNET_LAYOUTS) without its classifier:
+    torchvision's own at stem width 64, so its ImageNet state dicts load into it (minus ``fc``); at another
+    width the same layout from torchvision's blocks with ``width`` channels in the stem (for small models)."""
+    if name not in RESNET_LAYOUTS:
+        raise ValueError(f"unknown ResNet body {name!r}; expected one of {', '.join(sorted(RESNET_LAYOUTS))}")
+    if width == 64:
+        body = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
+        del body.fc, body.avgpool
+        return body
+    return _slim_resnet(*RESNET_LAYOUTS[name], width, norm_layer)
+
+
+def _slim_resnet(
+    block: type[BasicBlock | Bottleneck],
+    layers: tuple[int, ...],
+    groups: int,
+    width_per_group: int,
+    width: int,
+    norm_layer: type[nn.Module],
+) -> nn.Module:
+    """A ResNet layout with ``width`` channels in the stem (64 in the original), built from torchvision's
+    blocks as its ``ResNet._make_layer`` builds them: a quarter of ResNet-18's parameters at width 32."""
+    if width * width_per_group // 64 < 1:
+        raise ValueError(f"width {width} leaves no channel in the groups of a {width_per_group}-wide 3x3 convolution")
     body = nn.Module()
     body.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
     body.bn1 = norm_layer(width)
     body.relu = nn.ReLU(inplace=True)
     body.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
     inplanes = width
-    for i in range(4):
+    for i, count in enumerate(layers):
         planes, stride = width * 2**i, 1 if i == 0 else 2
         downsample = None
-        if stride != 1 or inplanes != planes:
-            downsample = nn.Sequential(conv1x1(inplanes, planes, stride), norm_layer(planes))
-        blocks = [BasicBlock(inplanes, planes, stride, downsample, norm_layer=norm_layer)]
-        blocks.append(BasicBlock(planes, planes, norm_layer=norm_layer))
+        if stride != 1 or inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                conv1x1(inplanes, planes * block.expansion, stride), norm_layer(planes * block.expansion)
+            )
+        blocks = [block(inplanes, planes, stride, downsample, groups, width_per_group, norm_layer=norm_layer)]
+        inplanes = planes * block.expansion
+        for _ in range(1, count):
+            blocks.append(block(inplanes, planes, groups=groups, base_width=width_per_group, norm_layer=norm_layer))
         setattr(body, f"layer{i + 1}", nn.Sequential(*blocks))
-        inplanes = planes
     return body
+
+
+def stage_channels(body: nn.Module, stages: int = 4) -> list[int]:
+    """Output channels of the body's first ``stages`` stages (C2, C3, ...)."""
+    last = [getattr(body, f"layer{i + 1}")[-1] for i in range(stages)]
+    return [(block.conv3 if isinstance(block, Bottleneck) else block.conv2).out_channels for block in last]
+
+
+def resnet_stages(body: nn.Module, x: Tensor, masks: PaddingMasks, stages: int = 4) -> list[Tensor]:
+    """The stem and the first ``stages`` stages of a torchvision ResNet body on a padded batch, padding-
+    invariant: the features C2, C3, ... (strides STAGE_STRIDES)."""
+    x = masks.relu(body.bn1(body.conv1(x)), 2)  # the stem convolution has stride 2
+    x = body.maxpool(x)
+    stride = STAGE_STRIDES[0]  # after the stride-2 max-pool: C2's
+    outputs = []
+    for i in range(stages):
+        for block in getattr(body, f"layer{i + 1}"):
+            x = (_bottleneck if isinstance(block, Bottleneck) else _basic_block)(block, x, masks, stride)
+            stride *= block.stride
+        outputs.append(x)
+    return outputs
 
 
 class ResNetFPN(nn.Module):
     """ResNet body (C2-C5) + FPN (P2-P5) + P6 by subsampling P5, as in torchvision's resnet_fpn_backbone.
 
-    ``norm_layer`` is the body's batch norm, and the FPN's when ``fpn_norm`` (torchvision's v2).
+    ``body`` names torchvision's ResNet or ResNeXt builder (see resnet_body); ``norm_layer`` is the body's
+    batch norm, and the FPN's when ``fpn_norm`` (torchvision's v2).
     """
 
     def __init__(
         self,
-        depth: int = 50,
+        body: str = "resnet50",
         norm_layer: type[nn.Module] = FrozenBatchNorm2d,
         width: int = 64,
         fpn_channels: int = FPN_CHANNELS,
         fpn_norm: bool = False,
     ):
         super().__init__()
-        if width == 64:
-            body = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=norm_layer)
-            del body.fc, body.avgpool
-        elif depth == 18:
-            body = _slim_resnet18(width, norm_layer)
-        else:
-            raise ValueError(f"a width other than 64 is only available for ResNet-18, not ResNet-{depth}")
-        self.body = body
-        expansion = 4 if depth >= 50 else 1
-        stage_channels = [width * 2**i * expansion for i in range(4)]
-        self.fpn = FeaturePyramidNetwork(stage_channels, fpn_channels, norm_layer=norm_layer if fpn_norm else None)
+        self.body = resnet_body(body, norm_layer, width)
+        self.fpn = FeaturePyramidNetwork(
+            stage_channels(self.body), fpn_channels, norm_layer=norm_layer if fpn_norm else None
+        )
         self.out_channels = fpn_channels
-        self.block_forward = _bottleneck if expansion == 4 else _basic_block
 
     def forward(self, x: Tensor, image_sizes: Tensor) -> list[Tensor]:
         """Features [P2, P3, P4, P5, P6] of a padded batch, zero outside each image's valid region."""
         masks = PaddingMasks(image_sizes)
-        body = self.body
-        x = masks.relu(body.bn1(body.conv1(x)), 2)  # the stem convolution has stride 2
-        x = body.maxpool(x)
-        stride = FPN_STRIDES[0]  # after the stride-2 max-pool: C2's
-        stages = []
-        for layer in (body.layer1, body.layer2, body.layer3, body.layer4):
-            for block in layer:
-                x = self.block_forward(block, x, masks, stride)
-                stride *= block.stride
-            stages.append(x)
-        return self._pyramid(stages, masks)
+        return self._pyramid(resnet_stages(self.body, x, masks), masks)
 
     def _pyramid(self, stages: list[Tensor], masks: PaddingMasks) -> list[Tensor]:
         """FPN top-down pathway with lateral connections (FPN paper, section 3)."""

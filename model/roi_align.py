@@ -21,6 +21,8 @@ same way, so the only extra step is zeroing the far-outside samples.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -271,19 +273,21 @@ def spatial_order(boxes: Tensor, batch_index: Tensor, stride: float) -> Tensor:
 
 
 class MultiScaleRoIAlign(torch.nn.Module):
-    """RoIAlign over FPN levels P2-P5 (``strides`` 4..32): each RoI is pooled from the level its size maps to."""
+    """RoIAlign over FPN levels P2-P5 (``strides`` 4..32): each RoI is pooled from the level its size maps to.
+    With one stride (C4's 16) every RoI is pooled from that one map."""
 
     def __init__(self, output_size: int, strides: tuple[int, ...], sampling_ratio: int = 2, aligned: bool = False):
         super().__init__()
         self.output_size = output_size
         self.strides = strides
+        self.levels = (int(math.log2(strides[0])), int(math.log2(strides[-1])))  # P2..P5 for strides 4..32
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
 
     def forward(self, features: list[Tensor], boxes: Tensor, batch_index: Tensor) -> Tensor:
         """Pool ``boxes`` [K, 4] (image pixels) of images ``batch_index`` [K] from P2..P5 -> [K, C, S, S]."""
         rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1)
-        levels = fpn_level_of_rois(boxes)
+        levels = fpn_level_of_rois(boxes, *self.levels)
         size, ratio = self.output_size, self.sampling_ratio
         pooled, order = [], []
         for level, (feature, stride) in enumerate(zip(features, self.strides, strict=True)):

@@ -3,6 +3,8 @@
 ``fastrcnn_loss`` / ``maskrcnn_loss`` and ``box_inference`` / ``mask_inference`` are standalone
 functions, documented on their own. Inference is batched with fixed-size outputs: per-class NMS,
 the top D detections per image, and only the real detections go through the mask branch.
+``RoIHeads`` is what the FPN and the C4 heads share (sampling, losses, inference); ``FPNRoIHeads`` has the
+FPN's layers, model/c4.py the C4 head's.
 """
 
 from __future__ import annotations
@@ -92,15 +94,18 @@ def box_inference(
 
 
 class RoIHeads(nn.Module):
+    """Stage two, shared by the FPN and the C4 heads: RoI sampling and the losses in training; in inference
+    the box branch on the proposals, per-class NMS, the top D per image, and the mask branch on those
+    detections only. A subclass says how RoIs become the box and mask predictors' inputs (the
+    ``*_features`` methods) and owns the layers: ``box_predictor`` (FastRCNNPredictor) and
+    ``mask_predictor`` (MaskRCNNPredictor) among them. ``pooled_strides`` are the strides of the feature
+    maps RoIs are pooled from."""
+
     def __init__(
         self,
-        num_classes: int,
-        in_channels: int = FPN_CHANNELS,
-        representation_size: int = REPRESENTATION_SIZE,
-        mask_channels: int = MASK_HEAD_CHANNELS,
+        pooled_strides: tuple[int, ...],
+        mask_size: int,
         aligned: bool = False,
-        box_head_convs: int = 0,
-        norm_layer: type[nn.Module] | None = None,
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
         batch_size_per_image: int = 512,
@@ -110,19 +115,8 @@ class RoIHeads(nn.Module):
         detections_per_img: int = DEFAULT_DETECTIONS_PER_IMAGE,
     ):
         super().__init__()
-        self.box_roi_pool = MultiScaleRoIAlign(BOX_POOL_SIZE, POOLED_STRIDES, SAMPLING_RATIO, aligned)
-        if box_head_convs:
-            pooled_shape = (in_channels, BOX_POOL_SIZE, BOX_POOL_SIZE)
-            convs = [BOX_HEAD_CHANNELS] * box_head_convs
-            self.box_head = FastRCNNConvFCHead(pooled_shape, convs, [representation_size], norm_layer=norm_layer)
-        else:
-            self.box_head = TwoMLPHead(in_channels * BOX_POOL_SIZE**2, representation_size)
-        self.box_predictor = FastRCNNPredictor(representation_size, num_classes)
-        self.mask_roi_pool = MultiScaleRoIAlign(MASK_POOL_SIZE, POOLED_STRIDES, SAMPLING_RATIO, aligned)
-        self.mask_head = MaskRCNNHeads(in_channels, [mask_channels] * 4, 1, norm_layer=norm_layer)
-        self.mask_predictor = MaskRCNNPredictor(mask_channels, mask_channels, num_classes)
-        self._init_predictors()
-        self.mask_size = MASK_SIZE
+        self.pooled_strides = pooled_strides
+        self.mask_size = mask_size
         self.aligned = aligned
         self.fg_iou_thresh = fg_iou_thresh
         self.bg_iou_thresh = bg_iou_thresh
@@ -141,6 +135,21 @@ class RoIHeads(nn.Module):
         for layer in (self.box_predictor.cls_score, self.box_predictor.bbox_pred, self.mask_predictor.mask_fcn_logits):
             nn.init.zeros_(layer.bias)
 
+    def box_features(self, features: list[Tensor], boxes: Tensor, batch_index: Tensor) -> Tensor:
+        """The box predictor's input [N, D] for RoIs ``boxes`` [N, 4] of images ``batch_index`` [N]."""
+        raise NotImplementedError
+
+    def mask_features(self, features: list[Tensor], boxes: Tensor, batch_index: Tensor) -> Tensor:
+        """The mask predictor's input [N, C, S, S] for the RoIs."""
+        raise NotImplementedError
+
+    def training_features(
+        self, features: list[Tensor], boxes: Tensor, batch_index: Tensor, positive: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Box features of all sampled RoIs and mask features of the ``positive`` ones (indices)."""
+        box = self.box_features(features, boxes, batch_index)
+        return box, self.mask_features(features, boxes[positive], batch_index[positive])
+
     def forward(
         self,
         features: list[Tensor],
@@ -151,22 +160,17 @@ class RoIHeads(nn.Module):
         score_threshold: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Losses (training) or the fixed-size detections dict (inference)."""
-        pooled = [replicate_edges(f, image_sizes, s) for f, s in zip(features, POOLED_STRIDES, strict=False)]
+        pooled = [replicate_edges(f, image_sizes, s) for f, s in zip(features, self.pooled_strides, strict=False)]
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")
             return self.loss(pooled, proposals, proposal_valid, targets)
         return self.inference(pooled, proposals, proposal_valid, image_sizes, score_threshold)
 
-    def mask_logits(self, features: list[Tensor], boxes: Tensor, batch_index: Tensor) -> Tensor:
-        """All K mask logits [N, K, M, M] of the RoIs (training)."""
-        x = self.mask_head(self.mask_roi_pool(features, boxes, batch_index))
-        return self.mask_predictor(x)
-
     def mask_inference(self, features: list[Tensor], boxes: Tensor, batch_index: Tensor, labels: Tensor) -> Tensor:
         """Mask probabilities [N, M, M] of each RoI's own class. Only that class's 1x1 output
         convolution is evaluated (a per-RoI dot product), instead of all K and then discarding K - 1."""
-        x = self.mask_head(self.mask_roi_pool(features, boxes, batch_index))
+        x = self.mask_features(features, boxes, batch_index)
         x = F.relu(self.mask_predictor.conv5_mask(x))
         logits_layer = self.mask_predictor.mask_fcn_logits
         weight = logits_layer.weight[:, :, 0, 0][labels]
@@ -183,7 +187,7 @@ class RoIHeads(nn.Module):
     ) -> dict[str, Tensor]:
         b, p = proposals.shape[:2]
         batch_of_row = torch.div(torch.arange(b * p, device=proposals.device), p, rounding_mode="floor")
-        x = self.box_head(self.box_roi_pool(features, proposals.reshape(-1, 4), batch_of_row))
+        x = self.box_features(features, proposals.reshape(-1, 4), batch_of_row)
         class_logits, box_regression = self.box_predictor(x)
         threshold = torch.full((b,), self.score_thresh, device=proposals.device, dtype=class_logits.dtype)
         if score_threshold is not None:
@@ -228,15 +232,14 @@ class RoIHeads(nn.Module):
         boxes = proposals[image, row]
         matched = matches[image, row].clamp(min=0)
         sampled_labels = labels[image, row]
-        x = self.box_head(self.box_roi_pool(features, boxes, image))
-        class_logits, box_regression = self.box_predictor(x)
+        pos = (sampled_labels > 0).nonzero().squeeze(1)
+        box_features, mask_features = self.training_features(features, boxes, image, pos)
+        class_logits, box_regression = self.box_predictor(box_features)
         regression_targets = box_coder.encode(gt_boxes[image, matched], boxes, BOX_WEIGHTS)
         losses = fastrcnn_loss(class_logits, box_regression, sampled_labels, regression_targets)
 
-        pos = (sampled_labels > 0).nonzero().squeeze(1)
         mask_targets = self.project_masks(targets, gt_valid, image[pos], matched[pos], boxes[pos])
-        logits = self.mask_logits(features, boxes[pos], image[pos])
-        losses["loss_mask"] = maskrcnn_loss(logits, sampled_labels[pos], mask_targets)
+        losses["loss_mask"] = maskrcnn_loss(self.mask_predictor(mask_features), sampled_labels[pos], mask_targets)
         return losses
 
     def project_masks(
@@ -255,3 +258,40 @@ class RoIHeads(nn.Module):
         offsets = torch.cumsum(gt_valid.sum(1), 0) - gt_valid.sum(1)
         rois = torch.cat([(offsets[image] + gt_index).to(boxes.dtype)[:, None], boxes], 1)
         return roi_align(all_masks, rois, 1.0, self.mask_size, self.mask_size, SAMPLING_RATIO, self.aligned)[:, 0]
+
+
+class FPNRoIHeads(RoIHeads):
+    """The FPN heads (section 3.1, Figure 4 right): RoIs pooled 7x7 (box) and 14x14 (mask) from the level
+    of P2-P5 their size maps to; the box head two fully connected layers (or torchvision v2's convolutions
+    and one), the mask head four 3x3 convolutions, a deconvolution and the per-class predictor: 28x28 masks."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = FPN_CHANNELS,
+        representation_size: int = REPRESENTATION_SIZE,
+        mask_channels: int = MASK_HEAD_CHANNELS,
+        aligned: bool = False,
+        box_head_convs: int = 0,
+        norm_layer: type[nn.Module] | None = None,
+        **settings,
+    ):
+        super().__init__(POOLED_STRIDES, MASK_SIZE, aligned, **settings)
+        self.box_roi_pool = MultiScaleRoIAlign(BOX_POOL_SIZE, POOLED_STRIDES, SAMPLING_RATIO, aligned)
+        if box_head_convs:
+            pooled_shape = (in_channels, BOX_POOL_SIZE, BOX_POOL_SIZE)
+            convs = [BOX_HEAD_CHANNELS] * box_head_convs
+            self.box_head = FastRCNNConvFCHead(pooled_shape, convs, [representation_size], norm_layer=norm_layer)
+        else:
+            self.box_head = TwoMLPHead(in_channels * BOX_POOL_SIZE**2, representation_size)
+        self.box_predictor = FastRCNNPredictor(representation_size, num_classes)
+        self.mask_roi_pool = MultiScaleRoIAlign(MASK_POOL_SIZE, POOLED_STRIDES, SAMPLING_RATIO, aligned)
+        self.mask_head = MaskRCNNHeads(in_channels, [mask_channels] * 4, 1, norm_layer=norm_layer)
+        self.mask_predictor = MaskRCNNPredictor(mask_channels, mask_channels, num_classes)
+        self._init_predictors()
+
+    def box_features(self, features: list[Tensor], boxes: Tensor, batch_index: Tensor) -> Tensor:
+        return self.box_head(self.box_roi_pool(features, boxes, batch_index))
+
+    def mask_features(self, features: list[Tensor], boxes: Tensor, batch_index: Tensor) -> Tensor:
+        return self.mask_head(self.mask_roi_pool(features, boxes, batch_index))

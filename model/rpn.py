@@ -1,4 +1,4 @@
-"""Region Proposal Network over FPN levels (Faster R-CNN; Mask R-CNN section 3, stage one).
+"""Region Proposal Network over FPN levels, or C4 alone (Faster R-CNN; Mask R-CNN section 3, stage one).
 
 Inference is batched and export-friendly: proposals come out as a fixed [B, post_nms_top_n, 4]
 tensor with a validity mask instead of a Python list of per-image tensors. Anchors in a batch's
@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torchvision.models.detection.rpn import RPNHead
 
 from model import box_coder
-from model.anchor_utils import ANCHOR_SIZES, ASPECT_RATIOS, anchor_strides, cell_anchors, grid_anchors
-from model.backbone import FPN_CHANNELS, FPN_STRIDES, PaddingMasks, valid_mask
+from model.anchor_utils import ASPECT_RATIOS, FPN_ANCHORS, AnchorLevels, anchor_strides, cell_anchors, grid_anchors
+from model.backbone import FPN_CHANNELS, PaddingMasks, valid_mask
 from model.matcher import BELOW_LOW_THRESHOLD, match, pad_targets, pairwise_iou, sample_balanced
 from model.nms import nms_top_k
 
@@ -25,7 +25,7 @@ MIN_PROPOSAL_SIZE = 1e-3
 
 
 class RPNLevel(NamedTuple):
-    """The RPN head's outputs on one FPN level, flattened in (row, column, anchor) order."""
+    """The RPN head's outputs on one level, flattened in (row, column, anchor) order."""
 
     logits: Tensor  # [B, H*W*A] objectness
     deltas: Tensor  # [B, H*W*A, 4] box regression
@@ -46,9 +46,11 @@ class RegionProposalNetwork(nn.Module):
         positive_fraction: float = 0.5,
         score_thresh: float = 0.0,
         conv_depth: int = 1,
+        anchors: AnchorLevels = FPN_ANCHORS,
     ):
         super().__init__()
-        self.head = RPNHead(in_channels, len(ASPECT_RATIOS), conv_depth=conv_depth)
+        self.anchors = anchors
+        self.head = RPNHead(in_channels, len(ASPECT_RATIOS) * len(anchors[0][1]), conv_depth=conv_depth)
         self.pre_nms_top_n = pre_nms_top_n or {"training": 2000, "testing": 1000}
         self.post_nms_top_n = post_nms_top_n or {"training": 2000, "testing": 1000}
         self.nms_thresh = nms_thresh
@@ -67,9 +69,9 @@ class RegionProposalNetwork(nn.Module):
         """Proposals [B, P, 4], their validity [B, P], and (training) the RPN losses."""
         logits, deltas = self.head_outputs(features, image_sizes)
         levels = []
-        for level_logits, level_deltas, stride, size in zip(logits, deltas, FPN_STRIDES, ANCHOR_SIZES, strict=True):
+        for level_logits, level_deltas, (stride, sizes) in zip(logits, deltas, self.anchors, strict=True):
             b, a, h, w = level_logits.shape
-            cells = cell_anchors(size).to(level_logits)
+            cells = cell_anchors(sizes).to(level_logits)
             anchors = grid_anchors(h, w, anchor_strides(image_sizes, stride), cells)
             inside = valid_mask(image_sizes, stride, h, w, torch.bool)[:, 0, :, :, None].expand(b, h, w, a)
             levels.append(
@@ -95,7 +97,7 @@ class RegionProposalNetwork(nn.Module):
         masks = PaddingMasks(image_sizes)
         *inner, last = self.head.conv  # Conv2dNormActivation blocks: a 3x3 convolution and a ReLU
         logits, deltas = [], []
-        for feature, stride in zip(features, FPN_STRIDES, strict=True):
+        for feature, (stride, _) in zip(features, self.anchors, strict=True):
             x = feature
             for block in inner:
                 x = masks.relu(block[0](x), stride)

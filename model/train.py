@@ -152,16 +152,33 @@ def build(cfg: TrainConfig, num_classes: int, device: torch.device):
 
 
 def load_initial_weights(model: torch.nn.Module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """Start from pretrained weights, the usual way to fine-tune: a model.train checkpoint or a plain state
-    dict with torchvision's names (its COCO maskrcnn_resnet50_fpn loads into r50_fpn). Tensors whose shape
-    differs, i.e. the class-specific predictor layers when num_classes changes, are left at their fresh
-    initialization. Returns (skipped keys of the file, model keys left untouched)."""
+    """Start from pretrained weights, the usual way to fine-tune: a model.train checkpoint, a plain state dict
+    with torchvision's detection names (its COCO maskrcnn_resnet50_fpn loads into r50_fpn), or torchvision's
+    ImageNet classifier of the model's body (resnet50, resnext101_32x8d, ...: the paper initializes its
+    backbones from ImageNet, section 3.1), mapped by ``classifier_names``. Tensors whose shape differs, i.e.
+    the class-specific predictor layers when num_classes changes, are left at their fresh initialization.
+    Returns (skipped keys of the file, model keys left untouched)."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
     state = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
     own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    names = classifier_names(state, own) if "fc.weight" in state else {k: k for k in state}
+    usable = {names[k]: v for k, v in state.items() if names.get(k) in own and own[names[k]].shape == v.shape}
     model.load_state_dict(usable, strict=False)
-    return sorted(set(state) - set(usable)), sorted(set(own) - set(usable))
+    used = {k for k, name in names.items() if name in usable}
+    return sorted(set(state) - used), sorted(set(own) - set(usable))
+
+
+def classifier_names(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Our names for the tensors of a torchvision ImageNet ResNet state dict: its body's under
+    ``backbone.body.``, and where the model has the C4 heads, its ``layer4`` (res5) under ``roi_heads.res5.``.
+    Its classifier (``fc``) has none."""
+    names = {}
+    for key in state:
+        res5 = f"roi_heads.res5.{key.removeprefix('layer4.')}" if key.startswith("layer4.") else None
+        name = f"backbone.body.{key}" if f"backbone.body.{key}" in own else res5
+        if name in own:
+            names[key] = name
+    return names
 
 
 def atomic_save(obj: object, path: Path) -> None:

@@ -23,6 +23,19 @@ TINY_MODEL = {
     "rpn_pre_nms_top_n_test": 300,
     "rpn_post_nms_top_n_test": 150,
 }
+# The paper's other architectures, slim (a stem of 16 channels instead of 64, narrow heads) and with few
+# proposals: their layouts (ResNeXt's 33 grouped bottlenecks, C4's res5 per RoI) at a cost tests can pay.
+SLIM_MODELS = {
+    "r50_c4": {"width": 16, "mask_channels": 32, "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100},
+    "x101_fpn": {
+        "width": 16,
+        "fpn_channels": 64,
+        "representation_size": 64,
+        "mask_channels": 32,
+        "rpn_pre_nms_top_n_test": 300,
+        "rpn_post_nms_top_n_test": 100,
+    },
+}
 
 
 @pytest.fixture(scope="session")

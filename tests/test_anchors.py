@@ -1,4 +1,5 @@
-"""model/anchor_utils.py: FPN anchors against torchvision's AnchorGenerator, and their (row, column, anchor) order."""
+"""model/anchor_utils.py: FPN and C4 anchors against torchvision's AnchorGenerator, and their (row, column,
+anchor) order."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torchvision.models.detection.image_list import ImageList
 from model import box_coder
 from model.anchor_utils import ANCHOR_SIZES, ASPECT_RATIOS, anchor_strides, cell_anchors, grid_anchors
 from model.backbone import FPN_STRIDES
+from model.c4 import C4_ANCHORS
 from model.rpn import RegionProposalNetwork
 
 HEIGHT, WIDTH = 256, 320  # multiples of 64: torchvision's derived strides equal the nominal ones
@@ -120,3 +122,17 @@ def test_rpn_outputs_follow_the_anchor_order(level, row, col, anchor):
     assert valid[0, 0]
     torch.testing.assert_close(proposals[0, 0], expected)
 
+
+
+def test_c4_anchors_match_torchvision():
+    """The C4 head's one level: all 5 sizes x 3 ratios at stride 16 (15 per location), in the order
+    torchvision's AnchorGenerator gives for sizes ((32, ..., 512),)."""
+    generator = AnchorGenerator((ANCHOR_SIZES,), (ASPECT_RATIOS,))
+    assert torch.equal(cell_anchors(ANCHOR_SIZES), generator.cell_anchors[0]) and len(generator.cell_anchors[0]) == 15
+    (stride, sizes), = C4_ANCHORS
+    size = (200, 310)
+    padded = [-(-side // 32) * 32 for side in size]
+    grid = (-(-padded[0] // stride), -(-padded[1] // stride))
+    reference = generator(ImageList(torch.zeros(1, 3, *padded), [size]), [torch.zeros(1, 1, *grid)])[0]
+    ours = grid_anchors(*grid, anchor_strides(torch.tensor([size]), stride), cell_anchors(sizes))
+    assert stride == 16 and torch.equal(ours[0], reference)

@@ -1,10 +1,12 @@
-"""model/backbone.py: the padding masks (valid extent, masks, edge replication) and padding-invariant features."""
+"""model/backbone.py: the padding masks (valid extent, masks, edge replication) and padding-invariant features
+(FPN, ResNeXt, and model/c4.py's body up to C4)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model.backbone import PaddingMasks, ResNetFPN, replicate_edges, valid_extent, valid_mask
+from model.c4 import resnet_c4
 
 
 def test_valid_extent_is_ceil_of_size_over_stride():
@@ -56,11 +58,22 @@ def test_masks_relu_and_zero():
     assert (masks.relu(x, 2)[0, :, 4:] == 0).all() and (masks.relu(x, 2)[0, :, :, 3:] == 0).all()
 
 
-def _backbone(fpn_norm: bool) -> ResNetFPN:
-    """A slim R-18-FPN whose batch norms shift and scale (random statistics), so padding would leak into
-    borders; with ``fpn_norm`` the FPN has them too (torchvision's v2), whose shifts land in the padding."""
+# Backbones whose padding handling differs: R-18's basic blocks, with and without batch norms in the FPN
+# (torchvision's v2), ResNeXt's grouped bottlenecks (slim X-101), and the body up to C4 alone (slim R-50-C4).
+BN = torch.nn.BatchNorm2d
+BACKBONES = {
+    "fpn": lambda: ResNetFPN("resnet18", BN, width=32, fpn_channels=32),
+    "fpn-with-batch-norm": lambda: ResNetFPN("resnet18", BN, width=32, fpn_channels=32, fpn_norm=True),
+    "x101-fpn": lambda: ResNetFPN("resnext101_32x8d", BN, width=8, fpn_channels=32),
+    "r50-c4": lambda: resnet_c4("resnet50", BN, width=16)[0],
+}
+
+
+def _backbone(kind: str) -> torch.nn.Module:
+    """A slim backbone whose batch norms shift and scale (random statistics), so padding would leak into
+    borders; where the FPN has them too (torchvision's v2), their shifts land in the padding."""
     torch.manual_seed(0)
-    backbone = ResNetFPN(18, torch.nn.BatchNorm2d, width=32, fpn_channels=32, fpn_norm=fpn_norm).eval()
+    backbone = BACKBONES[kind]().eval()
     for module in backbone.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -70,11 +83,11 @@ def _backbone(fpn_norm: bool) -> ResNetFPN:
     return backbone
 
 
-@pytest.mark.parametrize("fpn_norm", [False, True], ids=["fpn", "fpn-with-batch-norm"])
+@pytest.mark.parametrize("kind", BACKBONES)
 @pytest.mark.parametrize("size", [(96, 128), (70, 90)], ids=["unpadded-alone", "padded-alone"])
-def test_features_alone_equal_features_in_a_padded_batch(size, fpn_norm):
-    backbone = _backbone(fpn_norm)
-    if fpn_norm:
+def test_features_alone_equal_features_in_a_padded_batch(size, kind):
+    backbone = _backbone(kind)
+    if kind == "fpn-with-batch-norm":
         assert any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.fpn.modules())
     h, w = size
     alone_h, alone_w = h + (-h % 32), w + (-w % 32)
@@ -90,4 +103,4 @@ def test_features_alone_equal_features_in_a_padded_batch(size, fpn_norm):
     for level, (a, b) in enumerate(zip(single, batched, strict=True)):
         ah, aw = a.shape[-2:]
         assert (a.abs().amax() > 0.1) and (b[1, :, ah:].abs().amax() == 0) and (b[1, :, :, aw:].abs().amax() == 0)
-        torch.testing.assert_close(b[1, :, :ah, :aw], a[0], rtol=1e-4, atol=1e-4, msg=f"P{level + 2}")
+        torch.testing.assert_close(b[1, :, :ah, :aw], a[0], rtol=1e-4, atol=1e-4, msg=f"level {level}")

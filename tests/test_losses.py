@@ -2,12 +2,14 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from model import build_model
 from model.roi_heads import fastrcnn_loss, maskrcnn_loss
 from model.rpn import RegionProposalNetwork
+from tests.conftest import SLIM_MODELS
 from tests.helpers import scene, training_batch
 
 # Computed once by the code under test (torch 2.14.1, CPU) and pasted here. A loss that moves past the
@@ -82,17 +84,48 @@ def test_rpn_loss_stored_values():
     _assert_stored(losses, {"loss_objectness": 0.67201257, "loss_rpn_box_reg": 0.37494701})
 
 
-def test_model_losses_stored_values():
+# Architecture -> (build_model options, the five loss terms stored): the FPN heads, and the slim C4 heads and
+# ResNeXt body sampling 64 RoIs per image.
+STORED_MODEL_LOSSES = {
+    "r18_fpn": (
+        {"width": 32, "fpn_channels": 64, "representation_size": 64, "mask_channels": 32},
+        {
+            "loss_objectness": 0.69720054,
+            "loss_rpn_box_reg": 0.075968727,
+            "loss_classifier": 1.0839871,
+            "loss_box_reg": 0.28053516,
+            "loss_mask": 0.69287306,
+        },
+    ),
+    "r50_c4": (
+        {**SLIM_MODELS["r50_c4"], "box_batch_size_per_image": 64},
+        {
+            "loss_objectness": 0.70523101,
+            "loss_rpn_box_reg": 0.014173785,
+            "loss_classifier": 1.0208626,
+            "loss_box_reg": 0.77768582,
+            "loss_mask": 0.69337749,
+        },
+    ),
+    "x101_fpn": (
+        {**SLIM_MODELS["x101_fpn"], "box_batch_size_per_image": 64},
+        {
+            "loss_objectness": 0.71591896,
+            "loss_rpn_box_reg": 0.079658933,
+            "loss_classifier": 1.0671767,
+            "loss_box_reg": 1.1241082,
+            "loss_mask": 0.69374281,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", STORED_MODEL_LOSSES)
+def test_model_losses_stored_values(arch):
     images, sizes, targets = _scenes()
+    options, stored = STORED_MODEL_LOSSES[arch]
     torch.manual_seed(0)
-    model = build_model("r18_fpn", 3, width=32, fpn_channels=64, representation_size=64, mask_channels=32, norm="bn")
+    model = build_model(arch, 3, norm="bn", **options)
     torch.manual_seed(1)  # the RPN's and the RoI heads' sampling draw from here
     losses = model.train()(images, sizes, targets)
-    stored = {
-        "loss_objectness": 0.69720054,
-        "loss_rpn_box_reg": 0.075968727,
-        "loss_classifier": 1.0839871,
-        "loss_box_reg": 0.28053516,
-        "loss_mask": 0.69287306,
-    }
     _assert_stored(losses, stored)
