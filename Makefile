@@ -20,8 +20,9 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Two workers, a test file each at a time (module fixtures such as the Docker engine stay single).
 test: $(STAMP) lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 serve: $(STAMP)
 	$(PY) -m service --host 0.0.0.0 --port 8000 $(if $(MODEL),--model $(MODEL))
