@@ -54,7 +54,7 @@ BENCHMARKS = {
         "R-50-FPN", "torchvision", "28x28", "export_speed",
         " Targets: >= 1.7x at 800x1333; batch 4 no slower per image than batch 1.",
     ),
-    "r50_c4": Benchmark("R-50-C4", "our eager", "14x14", "export_speed_r50_c4", ""),
+    "r50_c4": Benchmark("R-50-C4", "our PyTorch", "14x14", "export_speed_r50_c4", ""),
 }
 CASES = [("800x1333, batch 1", 800, 1333, 1), ("512x512, batch 4", 512, 512, 4)]
 PER_IMAGE_BATCHES = (1, 4)
