@@ -4,6 +4,8 @@ the metadata a file must carry, written and read back."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,18 @@ import torch
 from torchvision.models.detection import transform
 
 from contract import GraphMetadata, MetadataError, pad_batch, padded_size, resize_boxes, resized_size
+
+
+@pytest.mark.parametrize(
+    ("module", "absent"),
+    [("contract", ("torch", "onnxruntime", "cv2")), ("model.data.coco", ("onnxruntime", "cv2", "service"))],
+)
+def test_the_import_graph_keeps_its_layers(module: str, absent: tuple[str, ...]) -> None:
+    """The contract sits at the bottom (torch-free), and the training data loader pulls in neither the
+    service nor its runtime: checked in a fresh interpreter, where nothing else has imported them yet."""
+    code = f"import sys, {module}; print(' '.join(m for m in {absent!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == []
 
 
 @pytest.mark.parametrize("size", [(480, 640), (640, 480), (800, 1333), (333, 2000), (1000, 1000), (50, 71), (7, 3000)])
