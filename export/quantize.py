@@ -6,7 +6,7 @@ its CPU kernels then run those convolutions and matrix products in 8-bit integer
 
 Which nodes is the recipe, and this graph needs one. "Every Conv" gives no detections at all: the graph
 zeroes activations outside each image of a padded batch with a bias of float32's most negative value,
-spread over the channels by a 1x1 convolution of ones (model/backbone.py ``_Masks``). That convolution is
+spread over the channels by a 1x1 convolution of ones (model/backbone.py ``PaddingMasks``). That convolution is
 a Conv too; quantized, its range is [-3.4e38, 0], a step of ~1e36, and every feature is lost. So nodes are
 sorted into families (:func:`node_families`): what is computed from ``image_sizes`` and shapes alone
 (the padding masks, anchors) is geometry and stays float; weighted layers are grouped by the module they
@@ -52,6 +52,7 @@ from pycocotools import mask as mask_utils
 
 from contract import INPUT_NAMES, GraphMetadata, MetadataError, pad_batch
 from export.exporter import load_weights_fp32, store_weights_fp16
+from export.verification import box_iou
 from model.files import atomic_path
 from service.postprocess import encode_masks
 from service.runtime import OnnxModel, Prediction, resize_image
@@ -202,7 +203,7 @@ def _constant(
 
 
 def masks_as_multiplies(graph_model: onnx.ModelProto) -> list[str]:
-    """Rewrite the padding masks of model/backbone.py (``_Masks``) into multiplies by [B, 1, H, W] 0/1
+    """Rewrite the padding masks of model/backbone.py (``PaddingMasks``) into multiplies by [B, 1, H, W] 0/1
     masks, which ONNX Runtime runs in int8; returns the names of those multiplies. The float results are
     unchanged: ``ReLU(x + bias)`` with a bias of 0 inside and float32's most negative value outside is
     ``ReLU(x) * mask``, and a multiply by the mask spread over the channels is the broadcast multiply.
@@ -454,16 +455,6 @@ class Agreement:
             f"({100 * self.matched_fraction:.1f}%, same label, box IoU >= {MATCH_IOU}), mean mask IoU "
             f"{self.mask_iou:.4f}, score error mean {self.mean_score_error:.4f} max {self.max_score_error:.4f}"
         )
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix [N, M] of boxes x1, y1, x2, y2."""
-    low = np.maximum(a[:, None, :2], b[None, :, :2])
-    high = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(high - low, 0, None), axis=2)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
 def match_detections(reference: Prediction, candidate: Prediction, threshold: float) -> tuple[np.ndarray, np.ndarray]:
