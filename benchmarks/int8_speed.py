@@ -40,11 +40,10 @@ from export.quantize import (
     Recipe,
     quantize_model,
 )
+from model.data.shapes import CALIBRATION_SEED, VALIDATION_SEED, write_coco
 from service.settings import DEFAULT_MODEL_PATH
 
 CASE = ("800x1333, batch 1", 800, 1333, 1)
-CALIBRATION_SEED = 2000  # shapes images used neither in training (seed 1) nor in validation (seed 1000)
-VALIDATION_SEED = 1000
 DEMO_INT8 = DEFAULT_MODEL_PATH.with_name("model.int8.onnx")
 R50_CALIBRATION = 4  # the speed of a recipe does not depend on its ranges
 DEMO_VERIFICATION = 32
@@ -118,8 +117,6 @@ def agreement_cell(agreement: Agreement | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from model.data.shapes import write_coco
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="R-50 forward passes per engine")
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=list(RECIPES))

@@ -10,14 +10,13 @@ import pytest
 from PIL import Image
 
 from evaluation.evaluate import evaluate_checkpoint
-from model.data.shapes import generate, write_coco
+from model.data.shapes import VALIDATION_SEED, generate, write_coco
 from service.app import create_app
 from service.runtime import OnnxModel
 from service.settings import DEFAULT_MODEL_PATH, Settings
 
 DEMO_MODEL = DEFAULT_MODEL_PATH  # models/demo/model.onnx
 DEMO_INT8 = DEMO_MODEL.with_name("model.int8.onnx")
-VALIDATION_SEED = 1000  # never used in training (the demo model trains on seed 1)
 
 
 @pytest.mark.parametrize("path", [DEMO_MODEL, DEMO_INT8], ids=["float32", "int8"])

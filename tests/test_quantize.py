@@ -14,7 +14,7 @@ from contract import OUTPUT_NAMES, GraphMetadata
 from export.exporter import load_weights_fp32, sample_batch
 from export.quantize import FAMILIES, GEOMETRY, RECIPES, WEIGHTED_OPS, masks_as_multiplies, node_families
 from export.quantize import main as quantize_main
-from model.data.shapes import write_coco
+from model.data.shapes import CALIBRATION_SEED, write_coco
 from service.runtime import OnnxModel
 from service.settings import DEFAULT_MODEL_PATH
 
@@ -154,8 +154,9 @@ def test_cli_errors_are_one_line_and_leave_no_file(
 
 @pytest.fixture(scope="module")
 def shapes_images(tmp_path_factory) -> Path:
-    """Held-out shapes images for the trained demo model (seed 2000: neither its training's nor its validation's)."""
-    return write_coco(tmp_path_factory.mktemp("shapes"), num=DEMO_CALIBRATION + DEMO_VERIFY, seed=2000).parent
+    """Held-out shapes images for the trained demo model (neither its training's nor its validation's)."""
+    folder = tmp_path_factory.mktemp("shapes")
+    return write_coco(folder, num=DEMO_CALIBRATION + DEMO_VERIFY, seed=CALIBRATION_SEED).parent
 
 
 @pytest.mark.parametrize(("recipe", "passes"), [("backbone+heads", True), ("every-conv", False)])
