@@ -2,7 +2,10 @@
 
 ``python -m model.train --config configs/shapes_r18.json [--flag value ...]``; flags override the file.
 SGD with momentum and weight decay, linear warmup then step decay (Detectron2's schedule), a tqdm bar
-with the current losses, a JSONL log of every loss term, and checkpoints every K steps and at the end.
+with the current losses, a JSONL log of every loss term and TensorBoard curves beside it, checkpoints
+every K steps and at the end, COCO AP on a validation folder every E steps with the best checkpoint kept
+(``best.pt``). Before step 1 the data are checked (model.data.checks) and the initial weights accounted
+for (model.fine_tune). SIGINT and SIGTERM finish the current step, write a checkpoint and exit 130 / 143.
 
 Checkpoints are dicts with `model`, `optimizer`, `scheduler`, `step`, `config` (incl. arch, num_classes,
 min_size, max_size) and `class_names` (index 0 "__background__"). They are written to a temporary file
@@ -14,26 +17,51 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import contextlib
 import dataclasses
-import io
 import itertools
 import json
+import math
 import os
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
-from model.data.coco import Batch, CocoDataset, DetectionDataset, Source, collate
+from commandline import CommandError, UsageError, run_command
+from model.checkpoint import CheckpointError
+from model.data.checks import DataError, check_dataset, load_annotation_json
+from model.data.coco import (
+    Batch,
+    CocoDataset,
+    DetectionDataset,
+    Source,
+    collate,
+    find_annotation_file,
+    images_folder,
+    open_training_data,
+)
+from model.data.sampler import ResumableSampler, aspect_ratio_groups
 from model.data.shapes import ShapesDataset
 from model.files import atomic_path
+from model.fine_tune import (
+    FINE_TUNING_TRAINABLE_STAGES,
+    InitReport,
+    freeze_backbone_stages,
+    frozen_norms_left_fresh,
+    load_initial_weights,
+    resolve_initial_weights,
+)
+
+# Settings that fix which images each step reads: a resumed run must keep them (its position is step x batch).
+DATA_ORDER_KEYS = ("batch_size", "seed", "aspect_ratio_group_factor", "synthetic", "synthetic_seed", "data")
+OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay")  # applied on resume, over the optimizer's saved values
+# Files a run writes into its folder; a new run refuses a folder that holds them (or replaces them if asked).
+RUN_FILES = ("config.json", "log.jsonl", "last.pt", "best.pt", "checkpoint_*.pt", "events.out.tfevents.*")
 
 
 @dataclass
@@ -66,7 +94,17 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     seed: int = 0
-    init_weights: str | None = None  # fine-tune from a checkpoint or state dict (e.g. torchvision's COCO one)
+    # Fine-tuning: a file or a torchvision weights name (MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, ...).
+    init_weights: str | None = None
+    allow_fresh_weights: bool = False  # let init_weights leave more than the class-specific layers fresh
+    trainable_backbone_layers: int | None = None  # of the body's 5 stages; None: 3 with init_weights, else 5
+    data_errors: str = "stop"  # a data set with problems: "stop" before step 1, or "skip" what is bad
+    empty_images: str = "keep"  # images without annotations: "keep" (negatives) or "drop"
+    aspect_ratio_group_factor: int = 3  # batches from one aspect-ratio bin (torchvision's); 0: mixed
+    val_data: str | None = None  # COCO folder evaluated every eval_every steps (and at the end)
+    eval_every: int = 0  # 0: only at the end (with val_data)
+    eval_metric: str = "segm/AP"  # IoU type / metric that picks best.pt
+    early_stop_evals: int = 0  # stop after this many evaluations without a better metric; 0: never
     model: dict = field(default_factory=dict)  # extra keyword arguments of build_model
 
     @classmethod
@@ -75,8 +113,28 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+            raise UsageError(f"unknown config keys {sorted(unknown)}; the keys are TrainConfig's fields "
+                             "(configs/README.md, python -m model.train --help)")
         return cls(**values)
+
+    def check(self) -> None:
+        """Settings that contradict each other or name nothing: one UsageError line."""
+        if self.synthetic and self.data:
+            raise UsageError(f"both synthetic ({self.synthetic}) and data ({self.data}) are set: train on one")
+        if not self.synthetic and not self.data:
+            raise UsageError("set data (a COCO folder: images/ and an instances JSON) or synthetic (a number)")
+        for key, allowed in (("data_errors", ("stop", "skip")), ("empty_images", ("keep", "drop"))):
+            if getattr(self, key) not in allowed:
+                raise UsageError(f"{key} is {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
+        iou_type, _, metric = self.eval_metric.partition("/")
+        if iou_type not in ("bbox", "segm") or metric not in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+            raise UsageError(f"eval_metric {self.eval_metric!r}: expected IOU_TYPE/METRIC such as segm/AP or bbox/AP50")
+        norm = self.model.get("norm", "frozen_bn")
+        if norm == "frozen_bn" and not self.init_weights:
+            raise UsageError(
+                "random initial weights with frozen batch norm (norm: frozen_bn, the default) normalize nothing: "
+                'set "model": {"norm": "bn"} to train from scratch, or init_weights to fine-tune'
+            )
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -89,40 +147,19 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def build_source(cfg: TrainConfig) -> Source:
-    """The training images: a COCO folder, or the synthetic shapes stream."""
+    """The training images: a COCO folder checked before use (its report printed), or the shapes stream."""
     if cfg.synthetic:
         return ShapesDataset(cfg.synthetic, cfg.synthetic_seed)
-    if not cfg.data:
-        raise ValueError("set `data` (a COCO folder) or `synthetic` (number of generated images)")
-    with contextlib.redirect_stdout(io.StringIO()):
-        return CocoDataset(cfg.data)
-
-
-class ResumableSampler(Sampler[list[int]]):
-    """Endless batches of dataset indices, reshuffled every epoch, starting at any global position.
-
-    Index `epoch * n + j` stands for item j in that epoch, so the dataset (which wraps indices) draws a
-    fresh flip/scale per epoch, and a run resumed at step s gets exactly the batches it would have had.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0) -> None:
-        self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
-
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        position = self.start_step * self.batch_size
-        epoch, order = -1, np.empty(0, np.int64)
-        while True:
-            batch = []
-            for i in range(position, position + self.batch_size):
-                if i // self.n != epoch:
-                    epoch = i // self.n
-                    order = self._order(epoch)
-                batch.append(epoch * self.n + int(order[i % self.n]))
-            position += self.batch_size
-            yield batch
+    try:
+        source, report = open_training_data(str(cfg.data), cfg.data_errors, cfg.empty_images)
+    except FileNotFoundError as exc:
+        raise UsageError(f"data: {exc}") from None
+    except DataError as exc:
+        for problem in exc.problems:
+            print(problem.line(), file=sys.stderr)
+        raise CommandError(f"data {cfg.data}: {exc}") from None
+    print(report.summary(), file=sys.stderr)
+    return source
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,12 +169,44 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build(cfg: TrainConfig, num_classes: int, device: torch.device):
-    """Model, optimizer and scheduler of a run; weight decay skips norm layers and biases, as usual."""
+def build_network(
+    cfg: TrainConfig, num_classes: int, initialize: bool = True
+) -> tuple[torch.nn.Module, InitReport | None]:
+    """The model of a run, its initial weights loaded (when ``initialize``, i.e. not resuming) and its
+    frozen backbone stages frozen."""
     from model import build_model
 
     torch.manual_seed(cfg.seed)
-    model = build_model(arch=cfg.arch, num_classes=num_classes, **cfg.model).to(device)
+    try:
+        model = build_model(arch=cfg.arch, num_classes=num_classes, **cfg.model)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"model options {cfg.model}: {exc}") from None
+    report = None
+    if cfg.init_weights and initialize:
+        try:
+            weights = resolve_initial_weights(cfg.init_weights)
+            if weights.arch and weights.arch != cfg.arch:
+                raise CheckpointError(f"{cfg.init_weights} holds {weights.arch} weights, the arch is {cfg.arch}")
+            report = load_initial_weights(model, weights, cfg.allow_fresh_weights)
+        except CheckpointError as exc:
+            raise UsageError(f"init_weights {exc}") from None
+        print(f"init weights {cfg.init_weights} ({weights.kind}):\n{report.table()}", file=sys.stderr)
+    fresh_norms = frozen_norms_left_fresh(model, report) if initialize else []
+    if fresh_norms:
+        raise UsageError(
+            f"{len(fresh_norms)} frozen batch norms were not set by init_weights ({fresh_norms[0]}, ...): they "
+            'would normalize nothing; set "model": {"norm": "bn"}'
+        )
+    trainable = cfg.trainable_backbone_layers
+    if trainable is None:
+        trainable = FINE_TUNING_TRAINABLE_STAGES if cfg.init_weights else 5
+    freeze_backbone_stages(model, trainable)
+    return model, report
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
+    """SGD over the trainable parameters, weight decay skipping norm layers and biases, as usual; the
+    warmup + step schedule."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -148,37 +217,14 @@ def build(cfg: TrainConfig, num_classes: int, device: torch.device):
         momentum=cfg.momentum,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    return model, optimizer, scheduler
+    return optimizer, scheduler
 
 
-def load_initial_weights(model: torch.nn.Module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """Start from pretrained weights, the usual way to fine-tune: a model.train checkpoint, a plain state dict
-    with torchvision's detection names (its COCO maskrcnn_resnet50_fpn loads into r50_fpn), or torchvision's
-    ImageNet classifier of the model's body (resnet50, resnext101_32x8d, ...: the paper initializes its
-    backbones from ImageNet, section 3.1), mapped by ``classifier_names``. Tensors whose shape differs, i.e.
-    the class-specific predictor layers when num_classes changes, are left at their fresh initialization.
-    Returns (skipped keys of the file, model keys left untouched)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    state = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
-    own = model.state_dict()
-    names = classifier_names(state, own) if "fc.weight" in state else {k: k for k in state}
-    usable = {names[k]: v for k, v in state.items() if names.get(k) in own and own[names[k]].shape == v.shape}
-    model.load_state_dict(usable, strict=False)
-    used = {k for k, name in names.items() if name in usable}
-    return sorted(set(state) - used), sorted(set(own) - set(usable))
-
-
-def classifier_names(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Our names for the tensors of a torchvision ImageNet ResNet state dict: its body's under
-    ``backbone.body.``, and where the model has the C4 heads, its ``layer4`` (res5) under ``roi_heads.res5.``.
-    Its classifier (``fc``) has none."""
-    names = {}
-    for key in state:
-        res5 = f"roi_heads.res5.{key.removeprefix('layer4.')}" if key.startswith("layer4.") else None
-        name = f"backbone.body.{key}" if f"backbone.body.{key}" in own else res5
-        if name in own:
-            names[key] = name
-    return names
+def build(cfg: TrainConfig, num_classes: int, device: torch.device, initialize: bool = True):
+    """Model (on ``device``), optimizer and scheduler of a run."""
+    model, _ = build_network(cfg, num_classes, initialize)
+    model.to(device)
+    return (model, *build_optimizer(cfg, model))
 
 
 def atomic_save(obj: object, path: Path) -> None:
@@ -233,24 +279,54 @@ def _to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.
     return batch.images.to(device, non_blocking=True), batch.image_sizes.to(device), targets
 
 
-def _start_step(cfg: TrainConfig, model, optimizer, scheduler, resume, device: torch.device) -> int:
-    """Restore a run (weights, optimizer, schedule, RNG; returns its step) or load initial weights (0)."""
-    if resume:
-        ckpt = load_checkpoint(resume, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
-        return int(ckpt["step"])
-    if cfg.init_weights:
-        skipped, fresh = load_initial_weights(model, cfg.init_weights)
-        print(
-            f"init weights {cfg.init_weights}: {len(fresh)} model tensors not loaded {fresh[:6]}, "
-            f"{len(skipped)} file tensors unused {skipped[:6]}",
-            file=sys.stderr,
+def check_resumable(cfg: TrainConfig, saved: dict) -> None:
+    """A resumed run must read the images the stopped one would have read next."""
+    changed = [k for k in DATA_ORDER_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        what = ", ".join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise UsageError(
+            f"cannot resume with changed data order ({what}): the checkpoint's position is step x batch; "
+            "keep them, or start a new run in another --out-dir"
         )
-    return 0
+
+
+def apply_optimizer_settings(cfg: TrainConfig, saved: dict, optimizer, scheduler, step: int) -> list[str]:
+    """Set lr, momentum and weight decay of a resumed run to the config's (the optimizer's saved state
+    would otherwise win silently); returns what changed, for the log."""
+    changed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in OPTIMIZER_KEYS if saved.get(k, getattr(cfg, k)) !=
+               getattr(cfg, k)]
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for group, decays in zip(optimizer.param_groups, (True, False), strict=True):
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * lr_factor(step, cfg), momentum=cfg.momentum)
+        group["weight_decay"] = cfg.weight_decay if decays else 0.0
+    return changed
+
+
+@dataclass
+class RunState:
+    """Where a run stands besides its weights: the step, and the best evaluation so far."""
+
+    step: int = 0
+    best: float = -math.inf
+    best_step: int = 0
+    evals_since_best: int = 0
+
+
+def _restore(cfg: TrainConfig, model, optimizer, scheduler, resume: str | os.PathLike, device) -> RunState:
+    """Restore a stopped run: weights, optimizer (with the config's lr/momentum/decay), schedule, RNG, and
+    the best evaluation so far."""
+    ckpt = load_checkpoint(resume, device)
+    check_resumable(cfg, ckpt.get("config", {}))
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    run = RunState(int(ckpt["step"]), **ckpt.get("run", {}))
+    changed = apply_optimizer_settings(cfg, ckpt.get("config", {}), optimizer, scheduler, run.step)
+    print(f"resume {resume} at step {run.step}" + (f"; applied {', '.join(changed)}" if changed else ""),
+          file=sys.stderr)
+    return run
 
 
 def _loader(cfg: TrainConfig, source: Source, step: int, device: torch.device) -> DataLoader:
@@ -258,9 +334,10 @@ def _loader(cfg: TrainConfig, source: Source, step: int, device: torch.device) -
     dataset = DetectionDataset(
         source, cfg.train_min_sizes or cfg.min_size, cfg.max_size, train=True, flip_prob=cfg.flip_prob, seed=cfg.seed
     )
+    groups = aspect_ratio_groups([source.image_size(i) for i in range(len(source))], cfg.aspect_ratio_group_factor)
     return DataLoader(
         dataset,
-        batch_sampler=ResumableSampler(len(dataset), cfg.batch_size, cfg.seed, step),
+        batch_sampler=ResumableSampler(groups, cfg.batch_size, cfg.seed, step),
         collate_fn=collate,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
@@ -285,21 +362,115 @@ def train_step(model, optimizer, scheduler, batch: Batch, device: torch.device, 
     return {"loss": sum(values.values()), **values}
 
 
-def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: bool = True) -> Path:
+class Validation:
+    """COCO box and mask AP on a validation folder through ``python -m evaluation``'s path (the service's
+    resize, padding, pasting and RLE), so the figure that picks best.pt is the served model's."""
+
+    def __init__(self, cfg: TrainConfig, class_names: list[str], device: torch.device) -> None:
+        root = Path(str(cfg.val_data))
+        try:
+            ann_file = find_annotation_file(root)
+            report = check_dataset(load_annotation_json(ann_file), images_folder(root), errors="stop")
+        except FileNotFoundError as exc:
+            raise UsageError(f"val_data: {exc}") from None
+        except DataError as exc:
+            for problem in exc.problems:
+                print(problem.line(), file=sys.stderr)
+            raise CommandError(f"val_data {root}: {exc}") from None
+        self.dataset = CocoDataset(root, ann_file, data=report.clean)
+        self.cfg, self.class_names, self.device = cfg, class_names, device
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
+        from evaluation.evaluate import TorchPredictor, evaluate_predictions, predict_dataset
+
+        model.eval()
+        try:
+            predictor = TorchPredictor(model, self.class_names, self.cfg.min_size, self.cfg.max_size, self.device)
+            results = predict_dataset(predictor, self.dataset, self.cfg.batch_size, progress=False)
+        finally:
+            model.train()
+        return evaluate_predictions(self.dataset.coco, results)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask the loop to stop after the current step (it then writes a checkpoint); a
+    second one stops at once. Only the main thread can take signals: elsewhere this does nothing."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading_is_main():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class TrainingStopped(CommandError):
+    """The run stopped on a signal after writing its checkpoint; exit 128 + the signal's number."""
+
+    def __init__(self, signum: int, step: int, path: Path, out_dir: Path) -> None:
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {path}; continue with "
+            f"python -m model.train --resume --out-dir {out_dir}"
+        )
+        self.exit_status = 128 + signum
+        self.step = step
+
+
+def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A new run refuses a folder that holds one (or clears it when asked), so nothing is mixed up."""
+    found = sorted({p.name for pattern in RUN_FILES for p in out_dir.glob(pattern)})
+    if resume or not found:
+        return
+    if not overwrite:
+        raise UsageError(
+            f"{out_dir} already holds a run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}): continue it "
+            "with --resume, pick another --out-dir, or pass --overwrite to start over"
+        )
+    for name in found:
+        (out_dir / name).unlink()
+
+
+def train(
+    cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: bool = True, overwrite: bool = False
+) -> Path:
     """Run (or continue) training to cfg.max_steps; returns the path of the last checkpoint."""
+    cfg.check()
+    if resume and not Path(resume).is_file():
+        raise UsageError(f"--resume: no checkpoint at {resume}; start the run without --resume")
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out_dir, bool(resume), overwrite)
     source = build_source(cfg)
     class_names = list(source.class_names)
     cfg.num_classes = cfg.num_classes or len(class_names)
     if cfg.num_classes != len(class_names):
-        raise ValueError(
+        raise UsageError(
             f"num_classes {cfg.num_classes} != {len(class_names)} classes in the data (background included)"
         )
-    model, optimizer, scheduler = build(cfg, cfg.num_classes, device)
-    step = _start_step(cfg, model, optimizer, scheduler, resume, device)
-    loader = _loader(cfg, source, step, device)
+    validation = Validation(cfg, class_names, device) if cfg.val_data else None
+    model, optimizer, scheduler = build(cfg, cfg.num_classes, device, initialize=not resume)
+    run = _restore(cfg, model, optimizer, scheduler, resume, device) if resume else RunState()
+    loader = _loader(cfg, source, run.step, device)
     with atomic_path(out_dir / "config.json") as tmp:
         tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
@@ -308,36 +479,87 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: b
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "step": step,
+            "step": run.step,
             "config": dataclasses.asdict(cfg),
             "class_names": class_names,
             "rng": get_rng_state(),
+            "run": {k: v for k, v in dataclasses.asdict(run).items() if k != "step"},
         }
 
-    last = out_dir / "last.pt"
+    from torch.utils.tensorboard import SummaryWriter
+
     model.train()
-    bar = _progress(cfg.max_steps, step, progress)
+    bar = _progress(cfg.max_steps, run.step, progress)
     tic = time.perf_counter()
-    with open(out_dir / "log.jsonl", "a") as log:
-        for batch in itertools.islice(loader, max(cfg.max_steps - step, 0)):
+    last: Path | None = None
+    with (
+        open(out_dir / "log.jsonl", "a") as log,
+        SummaryWriter(str(out_dir), purge_step=run.step + 1) as board,
+        StopSignals() as stop,
+    ):
+        for batch in itertools.islice(loader, max(cfg.max_steps - run.step, 0)):
             lr = optimizer.param_groups[0]["lr"]  # the rate this step used
             try:
                 values = train_step(model, optimizer, scheduler, batch, device, cfg.grad_clip)
             except FloatingPointError as exc:
-                raise FloatingPointError(f"step {step + 1}: {exc}") from None
-            step += 1
+                raise CommandError(f"step {run.step + 1}: {exc}") from None
+            run.step += 1
             bar.update(1)
             bar.set_postfix({k.removeprefix("loss_"): f"{v:.3f}" for k, v in values.items()})
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            done = run.step == cfg.max_steps
+            if run.step % cfg.log_every == 0 or done:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                log.write(json.dumps({"step": step, "lr": lr, **values, "seconds": round(elapsed, 3)}) + "\n")
-                log.flush()
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                _log(log, board, run.step, {"lr": lr, **values, "seconds": round(elapsed, 3)})
+            evaluate = validation and ((cfg.eval_every and run.step % cfg.eval_every == 0) or done)
+            if run.step % cfg.checkpoint_every == 0 or done or evaluate or stop.received:
+                if evaluate:
+                    improved = _evaluate(validation, model, cfg, run, log, board)
                 last = save_checkpoint(out_dir, state(), cfg.keep_checkpoints)
+                if evaluate and improved:
+                    _link_or_copy(last, out_dir / "best.pt")
+            if stop.received:
+                bar.close()
+                raise TrainingStopped(stop.received, run.step, last, out_dir)
+            if validation and cfg.early_stop_evals and run.evals_since_best >= cfg.early_stop_evals:
+                print(f"early stop at step {run.step}: no better {cfg.eval_metric} in {run.evals_since_best} "
+                      f"evaluations (best {run.best:.4f} at step {run.best_step})", file=sys.stderr)
+                break
     bar.close()
-    if step >= cfg.max_steps and not (out_dir / "last.pt").exists():
+    if last is None and run.step >= cfg.max_steps and not (out_dir / "last.pt").exists():
         last = save_checkpoint(out_dir, state(), cfg.keep_checkpoints)
-    return last
+    return last or out_dir / "last.pt"
+
+
+def _log(log, board, step: int, record: dict) -> None:
+    """One line of log.jsonl and the same scalars in TensorBoard."""
+    log.write(json.dumps({"step": step, **record}) + "\n")
+    log.flush()
+    for key, value in record.items():
+        if isinstance(value, float | int) and key != "seconds":
+            board.add_scalar(f"train/{key}", value, step)
+
+
+def _evaluate(validation: Validation, model, cfg: TrainConfig, run: RunState, log, board) -> bool:
+    """Evaluate, log the AP figures (0-1, COCOeval's), and say whether the watched metric improved."""
+    tic = time.perf_counter()
+    metrics = validation(model)
+    iou_type, _, name = cfg.eval_metric.partition("/")
+    value = metrics[iou_type][name]
+    improved = not math.isnan(value) and value > run.best
+    if improved:
+        run.best, run.best_step, run.evals_since_best = value, run.step, 0
+    else:
+        run.evals_since_best += 1
+    safe = {t: {k: (None if math.isnan(v) else v) for k, v in row.items()} for t, row in metrics.items()}
+    log.write(json.dumps({"step": run.step, "eval": safe, "seconds": round(time.perf_counter() - tic, 3)}) + "\n")
+    log.flush()
+    for t, row in metrics.items():
+        for k, v in row.items():
+            if not math.isnan(v):
+                board.add_scalar(f"val/{t}/{k}", v, run.step)
+    print(f"step {run.step}: {cfg.eval_metric} {value:.4f} (best {run.best:.4f} at step {run.best_step})",
+          file=sys.stderr)
+    return improved
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -354,46 +576,85 @@ def _progress(total: int, initial: int, enabled: bool):
     )
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
-    """Config = checkpoint's config (on resume) < config file < explicit flags."""
-    parser = argparse.ArgumentParser(description="Train Mask R-CNN (COCO folder or synthetic shapes).")
+def read_config_file(path: str) -> dict:
+    """A JSON config file's fields, or one UsageError line."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file (configs/ has the examples)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config {path}: cannot read it ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--config {path}: not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a JSON object of TrainConfig fields")
+    try:
+        TrainConfig.from_dict(values)
+    except UsageError as exc:
+        raise UsageError(f"--config {path}: {exc}") from None
+    return values
+
+
+def build_parser(file_values: dict, config: str | None) -> argparse.ArgumentParser:
+    """The flags, one per TrainConfig field; each help shows the value the run will take from --config,
+    or the built-in default."""
+    parser = argparse.ArgumentParser(
+        prog="python -m model.train", description="Train Mask R-CNN (COCO folder or synthetic shapes)."
+    )
     parser.add_argument("--config", help="JSON file with TrainConfig fields")
     parser.add_argument(
         "--resume", nargs="?", const="auto", help="continue from a checkpoint (default: OUT_DIR/last.pt)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="start over in an OUT_DIR that holds a run")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
+        shown = f"{file_values[f.name]} (from {config})" if f.name in file_values else f"default: {value}"
         if f.name == "model":
-            parser.add_argument(flag, type=json.loads, default=None, help="build_model kwargs as JSON")
+            parser.add_argument(flag, type=json.loads, default=None, help=f"build_model kwargs as JSON; {shown}")
         elif isinstance(value, list):
-            parser.add_argument(flag, type=int, nargs="*", default=None)
+            parser.add_argument(flag, type=int, nargs="*", default=None, help=shown)
+        elif isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
         else:
-            kind = {"num_classes": int, "data": str, "synthetic": int, "init_weights": str}.get(f.name, type(value))
-            parser.add_argument(flag, type=kind, default=None, help=f"default: {value}")
-    args = parser.parse_args(argv)
-    values: dict = {}
-    resume = args.resume
-    file_values = json.loads(Path(args.config).read_text()) if args.config else {}
+            kind = {"num_classes": int, "data": str, "synthetic": int, "init_weights": str, "val_data": str,
+                    "trainable_backbone_layers": int}.get(f.name, type(value))
+            parser.add_argument(flag, type=kind, default=None, help=shown)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None, bool]:
+    """Config = checkpoint's config (on resume) < config file < explicit flags. Returns (config, the
+    checkpoint to resume or None, whether to overwrite a run folder)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    config = pre.parse_known_args(argv)[0].config
+    file_values = read_config_file(config) if config else {}
+    args = build_parser(file_values, config).parse_args(argv)
     flag_values = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None
     }
+    resume = args.resume
     if resume == "auto":
-        out_dir = flag_values.get("out_dir", file_values.get("out_dir", defaults.out_dir))
+        out_dir = flag_values.get("out_dir", file_values.get("out_dir", TrainConfig.out_dir))
         resume = str(Path(out_dir) / "last.pt")
+    values: dict = {}
     if resume:
+        if not Path(resume).is_file():
+            raise UsageError(f"--resume: no checkpoint at {resume}; start the run without --resume")
         values.update(load_checkpoint(resume)["config"])
     values.update(file_values)
     values.update(flag_values)
-    return TrainConfig.from_dict(values), resume
+    return TrainConfig.from_dict(values), resume, args.overwrite
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg, resume = parse_args(argv)
-    path = train(cfg, resume)
+def main(argv: list[str] | None = None) -> int:
+    cfg, resume, overwrite = parse_args(argv)
+    path = train(cfg, resume, overwrite=overwrite)
     print(f"checkpoint: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from commandline import UsageError
 from model.train import TrainConfig, load_checkpoint, lr_factor, parse_args, train
 
 TINY_MODEL = {
@@ -57,12 +58,12 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
     path = tmp_path / "cfg.json"
     values = {"arch": "r18_fpn", "synthetic": 10, "lr_steps": [5], "model": {"norm": "bn"}}
     path.write_text(json.dumps(values))
-    cfg, resume = parse_args(["--config", str(path), "--lr", "0.5", "--lr-steps", "7", "8"])
+    cfg, resume, _ = parse_args(["--config", str(path), "--lr", "0.5", "--lr-steps", "7", "8"])
     assert (cfg.arch, cfg.synthetic, cfg.model) == ("r18_fpn", 10, {"norm": "bn"})
     assert (cfg.lr, cfg.lr_steps) == (0.5, [7, 8])  # flags override the file
     assert resume is None
     path.write_text(json.dumps({"typo_key": 1}))
-    with pytest.raises(ValueError, match="typo_key"):
+    with pytest.raises(UsageError, match="typo_key"):
         parse_args(["--config", str(path)])
 
 
@@ -76,7 +77,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert ckpt1["step"] == 1 and ckpt1["class_names"][0] == "__background__"
     assert {"arch", "num_classes", "min_size", "max_size"} <= set(ckpt1["config"])
     assert ckpt1["config"]["num_classes"] == 5
-    cfg, resume = parse_args(["--resume", "--out-dir", str(tmp_path / "split"), "--max-steps", "2"])
+    cfg, resume, _ = parse_args(["--resume", "--out-dir", str(tmp_path / "split"), "--max-steps", "2"])
     assert resume == str(tmp_path / "split" / "last.pt")
     assert cfg == dataclasses.replace(_tiny(tmp_path / "split", 2), num_classes=5)  # config from checkpoint
     resumed = train(cfg, resume=resume, progress=False)
@@ -136,14 +137,15 @@ def test_init_weights_skips_class_specific_layers(tmp_path: Path) -> None:
     """Fine-tuning start: a 3-class model's weights initialize a 5-class model, except the layers whose
     shape depends on the number of classes."""
     from model import build_model
-    from model.train import load_initial_weights
+    from model.fine_tune import load_initial_weights, resolve_initial_weights
 
     torch.manual_seed(0)
     source = build_model("r18_fpn", num_classes=3, norm="bn")
     torch.save({"model": source.state_dict()}, tmp_path / "pretrained.pt")
     target = build_model("r18_fpn", num_classes=5, norm="bn")
-    skipped, fresh = load_initial_weights(target, tmp_path / "pretrained.pt")
-    assert skipped == fresh and skipped  # exactly the class-dependent tensors, nothing else
+    report = load_initial_weights(target, resolve_initial_weights(tmp_path / "pretrained.pt"))
+    skipped = report.fresh
+    assert report.unused == skipped and skipped  # exactly the class-dependent tensors, nothing else
     assert len(skipped) == 6 and all("predictor" in k for k in skipped), skipped  # cls, box, mask logits
     src, dst = source.state_dict(), target.state_dict()
     for k, v in dst.items():
