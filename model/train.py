@@ -509,7 +509,8 @@ def train(
             done = run.step == cfg.max_steps
             if run.step % cfg.log_every == 0 or done:
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                _log(log, board, run.step, {"lr": lr, **values, "seconds": round(elapsed, 3)})
+                record = {"lr": lr, **values, "seconds": round(elapsed, 3), "image_ids": batch.image_ids}
+                _log(log, board, run.step, record)
             evaluate = validation and ((cfg.eval_every and run.step % cfg.eval_every == 0) or done)
             if run.step % cfg.checkpoint_every == 0 or done or evaluate or stop.received:
                 if evaluate:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,7 @@ import torch
 from commandline import UsageError
 from model.train import TrainConfig, load_checkpoint, lr_factor, parse_args, train
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {
     "norm": "bn",
     "rpn_pre_nms_top_n_train": 100,
@@ -151,3 +157,87 @@ def test_init_weights_skips_class_specific_layers(tmp_path: Path) -> None:
     for k, v in dst.items():
         if k not in skipped:
             torch.testing.assert_close(v, src[k], msg=k)
+
+
+def _quick(out_dir: Path, max_steps: int, **changes) -> TrainConfig:
+    """_tiny with 64-pixel images only and a slim network: a step well under a second."""
+    model = {**TINY_MODEL, "width": 16, "fpn_channels": 32, "representation_size": 32, "mask_channels": 16}
+    return dataclasses.replace(_tiny(out_dir, max_steps), model=model, lr_steps=[100], **changes)
+
+
+def test_validation_during_training_keeps_the_best(tmp_path: Path) -> None:
+    """val_data + eval_every: COCO AP in log.jsonl and TensorBoard, best.pt the checkpoint of the best
+    evaluation."""
+    from model.data.shapes import write_coco
+
+    torch.set_num_threads(1)
+    write_coco(tmp_path / "val", num=2, seed=1000)
+    cfg = _quick(tmp_path / "run", 2, val_data=str(tmp_path / "val"), eval_every=1, eval_metric="bbox/AP50")
+    train(cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert {"AP", "AP50", "AP75"} <= set(evals[0]["eval"]["segm"]) and "bbox" in evals[0]["eval"]
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    values = [r["eval"]["bbox"]["AP50"] for r in evals]
+    assert best["run"]["best_step"] == best["step"] == 1 + values.index(max(values))
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+
+
+def test_resume_applies_changed_optimizer_settings_and_refuses_a_changed_batch(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    train(_quick(tmp_path / "run", 1), progress=False)
+    resume = str(tmp_path / "run" / "last.pt")
+    cfg, _, _ = parse_args(["--resume", resume, "--max-steps", "2", "--lr", "0.5", "--momentum", "0.5"])
+    ckpt = load_checkpoint(train(cfg, resume=resume, progress=False))
+    assert ckpt["config"]["lr"] == 0.5
+    decay, no_decay = ckpt["optimizer"]["param_groups"]
+    assert decay["lr"] == pytest.approx(0.5 * lr_factor(2, cfg)) and decay["momentum"] == 0.5
+    assert no_decay["weight_decay"] == 0.0
+    cfg, _, _ = parse_args(["--resume", resume, "--max-steps", "3", "--batch-size", "3"])
+    with pytest.raises(UsageError, match="batch_size 2 -> 3"):
+        train(cfg, resume=resume, progress=False)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    train(_quick(tmp_path / "run", 1), progress=False)
+    with pytest.raises(UsageError, match="already holds a run.*--resume"):
+        train(_quick(tmp_path / "run", 1), progress=False)
+    train(_quick(tmp_path / "run", 1), progress=False, overwrite=True)
+    assert [r["step"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())] == [1]
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_run_leaves_a_checkpoint_to_resume(tmp_path: Path, signum: int, status: int) -> None:
+    """SIGTERM (schedulers) or SIGINT (Ctrl-C) after a completed step: the step in progress finishes, a
+    checkpoint of it is written, the exit status says which signal; --resume reads the very batch the
+    uninterrupted run would have read next."""
+    from model.data.sampler import ResumableSampler, aspect_ratio_groups
+    from model.data.shapes import ShapesDataset
+
+    cfg = _quick(tmp_path / "run", 200, checkpoint_every=1000)
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(dataclasses.asdict(cfg)))
+    command = [sys.executable, "-m", "model.train", "--config", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == status, stderr
+    assert "Traceback" not in stderr and "--resume --out-dir" in stderr.strip().splitlines()[-1]
+    step = load_checkpoint(tmp_path / "run" / "last.pt")["step"]
+    logged = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert 2 <= step == logged[-1] < 200
+    done = subprocess.run([*command, "--resume", "--max-steps", str(step + 1)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(log.read_text().splitlines()[-1])
+    source = ShapesDataset(cfg.synthetic, cfg.synthetic_seed)
+    groups = aspect_ratio_groups([source.image_size(i) for i in range(len(source))], cfg.aspect_ratio_group_factor)
+    expected = next(iter(ResumableSampler(groups, cfg.batch_size, cfg.seed, start_step=step)))
+    assert record["step"] == step + 1 and record["image_ids"] == [i % len(source) + 1 for i in expected]
