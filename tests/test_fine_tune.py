@@ -170,3 +170,69 @@ def test_configs_that_would_mislead_are_one_line(tmp_path, args, says):
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) <= 3 and "Traceback" not in done.stderr and says in done.stderr, done.stderr
+
+
+def _relabelled_shapes(root: Path, num: int, seed: int) -> Path:
+    """Shapes in COCO format with another class set: circles are "round", every other shape "angular"."""
+    import json
+
+    from model.data.shapes import write_coco
+
+    path = write_coco(root, num=num, seed=seed)
+    data = json.loads(path.read_text())
+    for ann in data["annotations"]:
+        ann["category_id"] = 1 if ann["category_id"] == 1 else 2
+    data["categories"] = [{"id": 1, "name": "round"}, {"id": 2, "name": "angular"}]
+    path.write_text(json.dumps(data))
+    return root
+
+
+@pytest.mark.slow
+def test_fine_tune_export_serve_chain(tmp_path, tiny_checkpoint):
+    """The README's chain on a tiny model: fine-tune a 4-class checkpoint on a 2-class folder with validation,
+    export best.pt, serve it, segment an image: the served classes are the new ones."""
+    import json
+    import time
+
+    import httpx
+
+    from tests.helpers import free_port
+
+    train_data = _relabelled_shapes(tmp_path / "train", 3, seed=3)
+    val_data = _relabelled_shapes(tmp_path / "val", 2, seed=1000)
+    run = tmp_path / "run"
+    model = '{"width": 32, "fpn_channels": 128, "representation_size": 256, "mask_channels": 128}'
+    done = _train_cli("--data", str(train_data), "--val-data", str(val_data), "--init-weights", str(tiny_checkpoint),
+                      "--out-dir", str(run), "--max-steps", "2", "--eval-every", "1", "--batch-size", "2",
+                      "--min-size", "96", "--max-size", "128", "--device", "cpu", "--model", model, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "roi_heads.box_predictor" in done.stderr  # the init table
+    assert (run / "best.pt").exists()
+    graph = tmp_path / "mine.onnx"
+    exported = subprocess.run([sys.executable, "-m", "export", "--checkpoint", str(run / "best.pt"), "--out",
+                               str(graph)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert exported.returncode == 0, exported.stderr
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "service", "--model", str(graph), "--host", "127.0.0.1",
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        image = next((train_data / "images").iterdir()).read_bytes()
+        answer = httpx.post(f"{url}/segment", files={"image": ("a.png", image, "image/png")}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        model_info = httpx.get(f"{url}/v2/models/mine", timeout=10)
+        assert model_info.status_code == 200
+        labels = {d["label"] for d in answer.json()["detections"]}
+        assert labels <= {"round", "angular"}
+        assert json.loads((run / "config.json").read_text())["num_classes"] == 3
+    finally:
+        server.terminate()
+        server.wait(30)
