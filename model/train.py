@@ -342,7 +342,15 @@ def _loader(cfg: TrainConfig, source: Source, step: int, device: torch.device) -
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),
+        worker_init_fn=_leave_stop_signals_to_the_trainer,
     )
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT and SIGTERM: Ctrl-C reaches the whole process group, and a worker
+    that died of it would fail the step the trainer is finishing; the trainer stops them when it exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train_step(model, optimizer, scheduler, batch: Batch, device: torch.device, grad_clip: float) -> dict[str, float]:

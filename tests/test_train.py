@@ -210,23 +210,24 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_mid_run_leaves_a_checkpoint_to_resume(tmp_path: Path, signum: int, status: int) -> None:
-    """SIGTERM (schedulers) or SIGINT (Ctrl-C) after a completed step: the step in progress finishes, a
+    """SIGTERM (schedulers) or SIGINT (Ctrl-C, to the process group) after a completed step: the step in
+    progress finishes, a
     checkpoint of it is written, the exit status says which signal; --resume reads the very batch the
     uninterrupted run would have read next."""
     from model.data.sampler import ResumableSampler, aspect_ratio_groups
     from model.data.shapes import ShapesDataset
 
-    cfg = _quick(tmp_path / "run", 200, checkpoint_every=1000)
+    cfg = _quick(tmp_path / "run", 200, checkpoint_every=1000, num_workers=1)
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps(dataclasses.asdict(cfg)))
     command = [sys.executable, "-m", "model.train", "--config", str(config)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True)
     log = tmp_path / "run" / "log.jsonl"
     deadline = time.monotonic() + 240
     while not (log.exists() and len(log.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signum)
+    os.killpg(proc.pid, signum)  # the whole group, as Ctrl-C does: the DataLoader's worker gets it too
     stderr = proc.communicate(timeout=120)[1]
     assert proc.returncode == status, stderr
     assert "Traceback" not in stderr and "--resume --out-dir" in stderr.strip().splitlines()[-1]
