@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -26,6 +27,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,16 +152,23 @@ def build_source(cfg: TrainConfig) -> Source:
     """The training images: a COCO folder checked before use (its report printed), or the shapes stream."""
     if cfg.synthetic:
         return ShapesDataset(cfg.synthetic, cfg.synthetic_seed)
-    try:
+    with reported_data_errors("data", cfg.data):
         source, report = open_training_data(str(cfg.data), cfg.data_errors, cfg.empty_images)
+    print(report.summary(), file=sys.stderr)
+    return source
+
+
+@contextlib.contextmanager
+def reported_data_errors(key: str, root: object) -> Iterator[None]:
+    """A data folder's problems as the command reports them: one line each, then one error line."""
+    try:
+        yield
     except FileNotFoundError as exc:
-        raise UsageError(f"data: {exc}") from None
+        raise UsageError(f"{key}: {exc}") from None
     except DataError as exc:
         for problem in exc.problems:
             print(problem.line(), file=sys.stderr)
-        raise CommandError(f"data {cfg.data}: {exc}") from None
-    print(report.summary(), file=sys.stderr)
-    return source
+        raise CommandError(f"{key} {root}: {exc}") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -376,15 +385,9 @@ class Validation:
 
     def __init__(self, cfg: TrainConfig, class_names: list[str], device: torch.device) -> None:
         root = Path(str(cfg.val_data))
-        try:
+        with reported_data_errors("val_data", root):
             ann_file = find_annotation_file(root)
             report = check_dataset(load_annotation_json(ann_file), images_folder(root), errors="stop")
-        except FileNotFoundError as exc:
-            raise UsageError(f"val_data: {exc}") from None
-        except DataError as exc:
-            for problem in exc.problems:
-                print(problem.line(), file=sys.stderr)
-            raise CommandError(f"val_data {root}: {exc}") from None
         self.dataset = CocoDataset(root, ann_file, data=report.clean)
         self.cfg, self.class_names, self.device = cfg, class_names, device
 
