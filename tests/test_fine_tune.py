@@ -153,6 +153,13 @@ def _train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 
+def test_help_shows_the_values_of_the_config(tmp_path):
+    done = _train_cli("--config", "configs/shapes_r18_cpu.json", "--help", cwd=ROOT)
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert "3000 (from configs/shapes_r18_cpu.json)" in text and "--val-data VAL_DATA default: None" in text
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
@@ -162,6 +169,9 @@ def _train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["--resume", "--out-dir", "nowhere"], "no checkpoint at nowhere/last.pt"),
         (["--synthetic", "4", "--model", '{"norm": "bn"}', "--init-weights", "NoSuch_Weights.X"],
          "not a torchvision weights name"),
+        (["--data", "tests", "--model", '{"norm": "bn"}'], "an images/ folder and one instances JSON"),
+        (["--config", "pyproject.toml"], "pyproject.toml: not valid JSON"),
+        (["--config", "tests/data/unknown_key.json"], "unknown config keys ['typo_key']"),
     ],
 )
 def test_configs_that_would_mislead_are_one_line(tmp_path, args, says):
