@@ -19,7 +19,6 @@ import argparse
 import bisect
 import contextlib
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -49,6 +48,15 @@ from model.data.coco import (
 )
 from model.data.sampler import ResumableSampler, aspect_ratio_groups
 from model.data.shapes import ShapesDataset
+from model.distributed import (
+    RankBatches,
+    World,
+    any_rank,
+    barrier,
+    close_world,
+    init_world,
+    mean_over_ranks,
+)
 from model.files import atomic_path
 from model.fine_tune import (
     FINE_TUNING_TRAINABLE_STAGES,
@@ -62,6 +70,9 @@ from model.fine_tune import (
 # Settings that fix which images each step reads: a resumed run must keep them (its position is step x batch).
 DATA_ORDER_KEYS = ("batch_size", "seed", "aspect_ratio_group_factor", "synthetic", "synthetic_seed", "data")
 OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay")  # applied on resume, over the optimizer's saved values
+# Mixed precision: the dtype autocast runs the forward in (convolutions, linear layers); RoIAlign, box
+# decoding and the losses stay float32 (model.roi_align, model.rpn, model.roi_heads).
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Files a run writes into its folder; a new run refuses a folder that holds them (or replaces them if asked).
 RUN_FILES = ("config.json", "log.jsonl", "last.pt", "best.pt", "checkpoint_*.pt", "events.out.tfevents.*")
 
@@ -107,6 +118,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end (with val_data)
     eval_metric: str = "segm/AP"  # IoU type / metric that picks best.pt
     early_stop_evals: int = 0  # stop after this many evaluations without a better metric; 0: never
+    amp: str = "none"  # mixed precision: "bf16", "fp16" (with a GradScaler) or "none"
+    accumulate_steps: int = 1  # micro-batches per optimizer step; batch_size stays the global batch
     model: dict = field(default_factory=dict)  # extra keyword arguments of build_model
 
     @classmethod
@@ -128,6 +141,10 @@ class TrainConfig:
         for key, allowed in (("data_errors", ("stop", "skip")), ("empty_images", ("keep", "drop"))):
             if getattr(self, key) not in allowed:
                 raise UsageError(f"{key} is {getattr(self, key)!r}; expected one of {', '.join(allowed)}")
+        if self.amp not in AMP_DTYPES:
+            raise UsageError(f"amp is {self.amp!r}; expected one of {', '.join(AMP_DTYPES)}")
+        if self.accumulate_steps < 1:
+            raise UsageError(f"accumulate_steps is {self.accumulate_steps}; expected 1 or more")
         iou_type, _, metric = self.eval_metric.partition("/")
         if iou_type not in ("bbox", "segm") or metric not in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
             raise UsageError(f"eval_metric {self.eval_metric!r}: expected IOU_TYPE/METRIC such as segm/AP or bbox/AP50")
@@ -148,13 +165,14 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return factor
 
 
-def build_source(cfg: TrainConfig) -> Source:
+def build_source(cfg: TrainConfig, verbose: bool = True) -> Source:
     """The training images: a COCO folder checked before use (its report printed), or the shapes stream."""
     if cfg.synthetic:
         return ShapesDataset(cfg.synthetic, cfg.synthetic_seed)
     with reported_data_errors("data", cfg.data):
         source, report = open_training_data(str(cfg.data), cfg.data_errors, cfg.empty_images)
-    print(report.summary(), file=sys.stderr)
+    if verbose:
+        print(report.summary(), file=sys.stderr)
     return source
 
 
@@ -179,7 +197,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_network(
-    cfg: TrainConfig, num_classes: int, initialize: bool = True
+    cfg: TrainConfig, num_classes: int, initialize: bool = True, verbose: bool = True
 ) -> tuple[torch.nn.Module, InitReport | None]:
     """The model of a run, its initial weights loaded (when ``initialize``, i.e. not resuming) and its
     frozen backbone stages frozen."""
@@ -199,7 +217,8 @@ def build_network(
             report = load_initial_weights(model, weights, cfg.allow_fresh_weights)
         except CheckpointError as exc:
             raise UsageError(f"init_weights {exc}") from None
-        print(f"init weights {cfg.init_weights} ({weights.kind}):\n{report.table()}", file=sys.stderr)
+        if verbose:
+            print(f"init weights {cfg.init_weights} ({weights.kind}):\n{report.table()}", file=sys.stderr)
     fresh_norms = frozen_norms_left_fresh(model, report) if initialize else []
     if fresh_norms:
         raise UsageError(
@@ -229,9 +248,9 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     return optimizer, scheduler
 
 
-def build(cfg: TrainConfig, num_classes: int, device: torch.device, initialize: bool = True):
+def build(cfg: TrainConfig, num_classes: int, device: torch.device, initialize: bool = True, verbose: bool = True):
     """Model (on ``device``), optimizer and scheduler of a run."""
-    model, _ = build_network(cfg, num_classes, initialize)
+    model, _ = build_network(cfg, num_classes, initialize, verbose)
     model.to(device)
     return (model, *build_optimizer(cfg, model))
 
@@ -268,19 +287,11 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def get_rng_state() -> dict[str, object]:
-    """Torch RNG states: the model samples anchors and RoIs with the global generator, so an exact
-    resume needs them back."""
-    state: dict[str, object] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch's global generator (the RPN's and RoI heads' sampling) from (seed, step, rank): a step's
+    draws depend on nothing before it, so a resumed run samples as the uninterrupted one, and each rank
+    draws its own."""
+    torch.manual_seed(hash((seed, step, rank)) % 2**63)
 
 
 def _to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
@@ -321,7 +332,9 @@ class RunState:
     evals_since_best: int = 0
 
 
-def _restore(cfg: TrainConfig, model, optimizer, scheduler, resume: str | os.PathLike, device) -> RunState:
+def _restore(
+    cfg: TrainConfig, model, optimizer, scheduler, scaler, resume: str | os.PathLike, device, world: World
+) -> RunState:
     """Restore a stopped run: weights, optimizer (with the config's lr/momentum/decay), schedule, RNG, and
     the best evaluation so far."""
     ckpt = load_checkpoint(resume, device)
@@ -329,24 +342,26 @@ def _restore(cfg: TrainConfig, model, optimizer, scheduler, resume: str | os.Pat
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    if "rng" in ckpt:
-        set_rng_state(ckpt["rng"])
+    if "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
     run = RunState(int(ckpt["step"]), **ckpt.get("run", {}))
     changed = apply_optimizer_settings(cfg, ckpt.get("config", {}), optimizer, scheduler, run.step)
-    print(f"resume {resume} at step {run.step}" + (f"; applied {', '.join(changed)}" if changed else ""),
-          file=sys.stderr)
+    if world.is_main:
+        print(f"resume {resume} at step {run.step}" + (f"; applied {', '.join(changed)}" if changed else ""),
+              file=sys.stderr)
     return run
 
 
-def _loader(cfg: TrainConfig, source: Source, step: int, device: torch.device) -> DataLoader:
-    """Endless batches from `step` on; a private generator keeps the global RNG (restored on resume) intact."""
+def _loader(cfg: TrainConfig, source: Source, step: int, device: torch.device, world: World) -> DataLoader:
+    """This rank's endless micro-batches from `step` on (model.distributed.RankBatches of the global order)."""
     dataset = DetectionDataset(
         source, cfg.train_min_sizes or cfg.min_size, cfg.max_size, train=True, flip_prob=cfg.flip_prob, seed=cfg.seed
     )
     groups = aspect_ratio_groups([source.image_size(i) for i in range(len(source))], cfg.aspect_ratio_group_factor)
     return DataLoader(
         dataset,
-        batch_sampler=ResumableSampler(groups, cfg.batch_size, cfg.seed, step),
+        batch_sampler=RankBatches(ResumableSampler(groups, cfg.batch_size, cfg.seed, step), cfg.batch_size, world,
+                                  cfg.accumulate_steps),
         collate_fn=collate,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
@@ -362,21 +377,36 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def train_step(model, optimizer, scheduler, batch: Batch, device: torch.device, grad_clip: float) -> dict[str, float]:
-    """One SGD step; raises before touching the weights if the loss is not finite. Returns the loss terms."""
-    images, sizes, targets = _to_device(batch, device)
-    losses = model(images, sizes, targets)
-    loss = sum(losses.values())
-    values = {k: v.detach().item() for k, v in losses.items()}
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss: {values}")
+def train_step(
+    model, optimizer, scheduler, batches: list[Batch], device: torch.device, cfg: TrainConfig, scaler, world: World
+) -> dict[str, float]:
+    """One optimizer step over ``batches`` (this rank's micro-batches of the global batch): forward under
+    autocast when ``cfg.amp`` asks, each micro-batch's loss scaled by 1 / accumulate_steps, gradients
+    averaged over the ranks by DDP on the last backward only. Raises on every rank, before touching the
+    weights, when a loss is not finite on any. Returns the loss terms, averaged over micro-batches."""
+    dtype = AMP_DTYPES[cfg.amp]
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    totals: dict[str, float] = {}
+    for k, batch in enumerate(batches):
+        images, sizes, targets = _to_device(batch, device)
+        sync = k == len(batches) - 1 or not world.distributed
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                losses = model(images, sizes, targets)
+            loss = sum(losses.values())
+            values = {name: v.detach().item() for name, v in losses.items()}
+            if any_rank(not torch.isfinite(loss), world, device):
+                raise FloatingPointError(f"non-finite loss: {values}")
+            scaler.scale(loss / len(batches)).backward()
+        for name, v in values.items():
+            totals[name] = totals.get(name, 0.0) + v / len(batches)
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
     scheduler.step()
-    return {"loss": sum(values.values()), **values}
+    return {"loss": sum(totals.values()), **totals}
 
 
 class Validation:
@@ -463,83 +493,119 @@ def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
 def train(
     cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: bool = True, overwrite: bool = False
 ) -> Path:
-    """Run (or continue) training to cfg.max_steps; returns the path of the last checkpoint."""
+    """Run (or continue) training to cfg.max_steps; returns the path of the last checkpoint. Under torchrun,
+    every rank runs this; rank 0 alone writes files and evaluates."""
     cfg.check()
     if resume and not Path(resume).is_file():
         raise UsageError(f"--resume: no checkpoint at {resume}; start the run without --resume")
-    device = resolve_device(cfg.device)
+    world, device = init_world(resolve_device(cfg.device))
+    try:
+        return _train(cfg, resume, progress and world.is_main, overwrite, world, device)
+    finally:
+        close_world(world)
+
+
+def _train(cfg: TrainConfig, resume, progress: bool, overwrite: bool, world: World, device: torch.device) -> Path:
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    prepare_run_folder(out_dir, bool(resume), overwrite)
-    source = build_source(cfg)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_run_folder(out_dir, bool(resume), overwrite)
+    source = build_source(cfg, verbose=world.is_main)
     class_names = list(source.class_names)
     cfg.num_classes = cfg.num_classes or len(class_names)
     if cfg.num_classes != len(class_names):
         raise UsageError(
             f"num_classes {cfg.num_classes} != {len(class_names)} classes in the data (background included)"
         )
-    validation = Validation(cfg, class_names, device) if cfg.val_data else None
-    model, optimizer, scheduler = build(cfg, cfg.num_classes, device, initialize=not resume)
-    run = _restore(cfg, model, optimizer, scheduler, resume, device) if resume else RunState()
-    loader = _loader(cfg, source, run.step, device)
-    with atomic_path(out_dir / "config.json") as tmp:
-        tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    validation = Validation(cfg, class_names, device) if cfg.val_data and world.is_main else None
+    model, optimizer, scheduler = build(cfg, cfg.num_classes, device, initialize=not resume, verbose=world.is_main)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    run = _restore(cfg, model, optimizer, scheduler, scaler, resume, device, world) if resume else RunState()
+    network = distributed_model(model, cfg, world, device)
+    loader = iter(_loader(cfg, source, run.step, device, world))
+    if world.is_main:
+        with atomic_path(out_dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     def state() -> dict:
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "step": run.step,
             "config": dataclasses.asdict(cfg),
             "class_names": class_names,
-            "rng": get_rng_state(),
             "run": {k: v for k, v in dataclasses.asdict(run).items() if k != "step"},
         }
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    model.train()
+    network.train()
     bar = _progress(cfg.max_steps, run.step, progress)
     tic = time.perf_counter()
     last: Path | None = None
-    with (
-        open(out_dir / "log.jsonl", "a") as log,
-        SummaryWriter(str(out_dir), purge_step=run.step + 1) as board,
-        StopSignals() as stop,
-    ):
-        for batch in itertools.islice(loader, max(cfg.max_steps - run.step, 0)):
+    with _run_log(out_dir, run.step, world) as (log, board), StopSignals() as stop:
+        while run.step < cfg.max_steps:
+            batches = [next(loader) for _ in range(cfg.accumulate_steps)]
             lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+            seed_step(cfg.seed, run.step, world.rank)
             try:
-                values = train_step(model, optimizer, scheduler, batch, device, cfg.grad_clip)
+                values = train_step(network, optimizer, scheduler, batches, device, cfg, scaler, world)
             except FloatingPointError as exc:
                 raise CommandError(f"step {run.step + 1}: {exc}") from None
+            values = mean_over_ranks(values, world, device)
             run.step += 1
             bar.update(1)
             bar.set_postfix({k.removeprefix("loss_"): f"{v:.3f}" for k, v in values.items()})
             done = run.step == cfg.max_steps
-            if run.step % cfg.log_every == 0 or done:
+            stopping = any_rank(stop.received is not None, world, device)
+            evaluate = cfg.val_data and ((cfg.eval_every and run.step % cfg.eval_every == 0) or done)
+            if world.is_main and (run.step % cfg.log_every == 0 or done):
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                record = {"lr": lr, **values, "seconds": round(elapsed, 3), "image_ids": batch.image_ids}
-                _log(log, board, run.step, record)
-            evaluate = validation and ((cfg.eval_every and run.step % cfg.eval_every == 0) or done)
-            if run.step % cfg.checkpoint_every == 0 or done or evaluate or stop.received:
-                if evaluate:
-                    improved = _evaluate(validation, model, cfg, run, log, board)
-                last = save_checkpoint(out_dir, state(), cfg.keep_checkpoints)
-                if evaluate and improved:
-                    _link_or_copy(last, out_dir / "best.pt")
-            if stop.received:
+                image_ids = [i for b in batches for i in b.image_ids]
+                _log(log, board, run.step, {"lr": lr, **values, "seconds": round(elapsed, 3), "image_ids": image_ids})
+            if run.step % cfg.checkpoint_every == 0 or done or evaluate or stopping:
+                if world.is_main:
+                    improved = _evaluate(validation, model, cfg, run, log, board) if evaluate else False
+                    last = save_checkpoint(out_dir, state(), cfg.keep_checkpoints)
+                    if improved:
+                        _link_or_copy(last, out_dir / "best.pt")
+                barrier(world)
+            if stopping:
                 bar.close()
-                raise TrainingStopped(stop.received, run.step, last, out_dir)
-            if validation and cfg.early_stop_evals and run.evals_since_best >= cfg.early_stop_evals:
-                print(f"early stop at step {run.step}: no better {cfg.eval_metric} in {run.evals_since_best} "
-                      f"evaluations (best {run.best:.4f} at step {run.best_step})", file=sys.stderr)
+                raise TrainingStopped(stop.received or signal.SIGTERM, run.step, last or out_dir / "last.pt", out_dir)
+            if cfg.early_stop_evals and any_rank(run.evals_since_best >= cfg.early_stop_evals, world, device):
+                if world.is_main:
+                    print(f"early stop at step {run.step}: no better {cfg.eval_metric} in {run.evals_since_best} "
+                          f"evaluations (best {run.best:.4f} at step {run.best_step})", file=sys.stderr)
                 break
     bar.close()
-    if last is None and run.step >= cfg.max_steps and not (out_dir / "last.pt").exists():
-        last = save_checkpoint(out_dir, state(), cfg.keep_checkpoints)
     return last or out_dir / "last.pt"
+
+
+@contextlib.contextmanager
+def _run_log(out_dir: Path, step: int, world: World):
+    """log.jsonl (appended) and TensorBoard's writer (events past ``step`` dropped) on rank 0; None elsewhere."""
+    if not world.is_main:
+        yield None, None
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    with open(out_dir / "log.jsonl", "a") as log, SummaryWriter(str(out_dir), purge_step=step + 1) as board:
+        yield log, board
+
+
+def distributed_model(model: torch.nn.Module, cfg: TrainConfig, world: World, device: torch.device):
+    """``model`` itself in a world of one; under torchrun DistributedDataParallel over it, its batch norms
+    synchronized first when ``norm: syncbn`` (torchvision's --sync-bn; PyTorch's SyncBatchNorm runs on CUDA)."""
+    if not world.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if cfg.model.get("norm") == "syncbn":
+        if device.type != "cuda":
+            raise UsageError("norm: syncbn needs CUDA devices (PyTorch's SyncBatchNorm); on the CPU use norm: bn")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _log(log, board, step: int, record: dict) -> None:
