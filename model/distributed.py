@@ -78,6 +78,15 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
+def gathered(items: list, world: World) -> list:
+    """Every rank's ``items`` concatenated in rank order (on every rank): the global batch's image ids."""
+    if not world.distributed:
+        return items
+    lists: list[list] = [[] for _ in range(world.size)]
+    dist.all_gather_object(lists, items)
+    return [item for part in lists for item in part]
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

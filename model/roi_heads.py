@@ -20,6 +20,7 @@ from model import box_coder
 from model.backbone import FPN_CHANNELS, POOLED_STRIDES, replicate_edges
 from model.matcher import match, pad_targets, pairwise_iou, sample_balanced
 from model.nms import nms_top_k
+from model.precision import float32_under_autocast
 from model.roi_align import MultiScaleRoIAlign, roi_align
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -188,7 +189,7 @@ class RoIHeads(nn.Module):
         b, p = proposals.shape[:2]
         batch_of_row = torch.div(torch.arange(b * p, device=proposals.device), p, rounding_mode="floor")
         x = self.box_features(features, proposals.reshape(-1, 4), batch_of_row)
-        class_logits, box_regression = self.box_predictor(x)
+        class_logits, box_regression = map(float32_under_autocast, self.box_predictor(x))
         threshold = torch.full((b,), self.score_thresh, device=proposals.device, dtype=class_logits.dtype)
         if score_threshold is not None:
             threshold = torch.maximum(threshold, score_threshold.to(threshold.dtype))
@@ -234,12 +235,12 @@ class RoIHeads(nn.Module):
         sampled_labels = labels[image, row]
         pos = (sampled_labels > 0).nonzero().squeeze(1)
         box_features, mask_features = self.training_features(features, boxes, image, pos)
-        class_logits, box_regression = (t.float() for t in self.box_predictor(box_features))  # losses in fp32
+        class_logits, box_regression = map(float32_under_autocast, self.box_predictor(box_features))
         regression_targets = box_coder.encode(gt_boxes[image, matched], boxes, BOX_WEIGHTS)
         losses = fastrcnn_loss(class_logits, box_regression, sampled_labels, regression_targets)
 
         mask_targets = self.project_masks(targets, gt_valid, image[pos], matched[pos], boxes[pos])
-        mask_logits = self.mask_predictor(mask_features).float()
+        mask_logits = float32_under_autocast(self.mask_predictor(mask_features))
         losses["loss_mask"] = maskrcnn_loss(mask_logits, sampled_labels[pos], mask_targets)
         return losses
 

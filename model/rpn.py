@@ -19,6 +19,7 @@ from model.anchor_utils import ASPECT_RATIOS, FPN_ANCHORS, AnchorLevels, anchor_
 from model.backbone import FPN_CHANNELS, PaddingMasks, valid_mask
 from model.matcher import BELOW_LOW_THRESHOLD, match, pad_targets, pairwise_iou, sample_balanced
 from model.nms import nms_top_k
+from model.precision import float32_under_autocast
 
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 MIN_PROPOSAL_SIZE = 1e-3
@@ -102,9 +103,9 @@ class RegionProposalNetwork(nn.Module):
             for block in inner:
                 x = masks.relu(block[0](x), stride)
             x = last(x)
-            # float32 under autocast: anchors take the logits' dtype, and box decoding needs float32.
-            logits.append(self.head.cls_logits(x).float())
-            deltas.append(self.head.bbox_pred(x).float())
+            # Anchors take the logits' dtype, and box decoding needs float32 (model.precision).
+            logits.append(float32_under_autocast(self.head.cls_logits(x)))
+            deltas.append(float32_under_autocast(self.head.bbox_pred(x)))
         return logits, deltas
 
     def select_proposals(self, levels: list[RPNLevel], image_sizes: Tensor) -> tuple[Tensor, Tensor]:

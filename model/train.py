@@ -54,6 +54,7 @@ from model.distributed import (
     any_rank,
     barrier,
     close_world,
+    gathered,
     init_world,
     mean_over_ranks,
 )
@@ -66,13 +67,11 @@ from model.fine_tune import (
     load_initial_weights,
     resolve_initial_weights,
 )
+from model.precision import AMP_DTYPES
 
 # Settings that fix which images each step reads: a resumed run must keep them (its position is step x batch).
 DATA_ORDER_KEYS = ("batch_size", "seed", "aspect_ratio_group_factor", "synthetic", "synthetic_seed", "data")
 OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay")  # applied on resume, over the optimizer's saved values
-# Mixed precision: the dtype autocast runs the forward in (convolutions, linear layers); RoIAlign, box
-# decoding and the losses stay float32 (model.roi_align, model.rpn, model.roi_heads).
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Files a run writes into its folder; a new run refuses a folder that holds them (or replaces them if asked).
 RUN_FILES = ("config.json", "log.jsonl", "last.pt", "best.pt", "checkpoint_*.pt", "events.out.tfevents.*")
 
@@ -559,10 +558,12 @@ def _train(cfg: TrainConfig, resume, progress: bool, overwrite: bool, world: Wor
             done = run.step == cfg.max_steps
             stopping = any_rank(stop.received is not None, world, device)
             evaluate = cfg.val_data and ((cfg.eval_every and run.step % cfg.eval_every == 0) or done)
-            if world.is_main and (run.step % cfg.log_every == 0 or done):
+            if run.step % cfg.log_every == 0 or done:
+                image_ids = gathered([i for b in batches for i in b.image_ids], world)
                 elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                image_ids = [i for b in batches for i in b.image_ids]
-                _log(log, board, run.step, {"lr": lr, **values, "seconds": round(elapsed, 3), "image_ids": image_ids})
+                if world.is_main:
+                    record = {"lr": lr, **values, "seconds": round(elapsed, 3), "image_ids": image_ids}
+                    _log(log, board, run.step, record)
             if run.step % cfg.checkpoint_every == 0 or done or evaluate or stopping:
                 if world.is_main:
                     improved = _evaluate(validation, model, cfg, run, log, board) if evaluate else False
@@ -730,7 +731,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None, 
 def main(argv: list[str] | None = None) -> int:
     cfg, resume, overwrite = parse_args(argv)
     path = train(cfg, resume, overwrite=overwrite)
-    print(f"checkpoint: {path}")
+    if os.environ.get("RANK", "0") == "0":  # torchrun's rank 0 speaks for the run
+        print(f"checkpoint: {path}")
     return 0
 
 
