@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from commandline import UsageError
 from contract import OUTPUT_NAMES
 from export.__main__ import graph_metadata, parse_args
 from export.__main__ import main as export_main
@@ -160,15 +161,14 @@ def test_tolerance_warns_and_is_recorded(tiny_onnx_model, tiny_checkpoint):
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])
-def test_tolerance_must_be_positive(value, capsys):
-    with pytest.raises(SystemExit):
-        parse_args(["--checkpoint", "c.pt", "--out", "x.onnx", "--tolerance", value])
-    assert "--tolerance must be positive" in capsys.readouterr().err
+def test_tolerance_must_be_positive(value, tiny_checkpoint, tmp_path):
+    with pytest.raises(UsageError, match="--tolerance must be positive"):
+        parse_args(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x.onnx"), "--tolerance", value])
 
 
 def test_wrong_class_count_is_refused(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "bad.onnx"
-    assert export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--num-classes", "91"]) == 1
+    assert export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--num-classes", "91"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: checkpoint does not match r18_fpn with 91 classes")
     assert "roi_heads.box_predictor" in err and len(err.splitlines()) == 1
@@ -177,7 +177,7 @@ def test_wrong_class_count_is_refused(tiny_checkpoint, tmp_path, capsys):
 
 def test_wrong_architecture_is_refused(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "bad.onnx"
-    assert export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--arch", "r50_fpn"]) == 1
+    assert export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--arch", "r50_fpn"]) == 2
     assert "does not match r50_fpn" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -185,7 +185,7 @@ def test_wrong_architecture_is_refused(tiny_checkpoint, tmp_path, capsys):
 def test_corrupt_checkpoint_is_refused(tmp_path, capsys):
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"\x80\x02 definitely not a checkpoint")
-    assert export_main(["--checkpoint", str(bad), "--out", str(tmp_path / "x.onnx")]) == 1
+    assert export_main(["--checkpoint", str(bad), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.pt"]
 
