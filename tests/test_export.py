@@ -21,6 +21,7 @@ from export.__main__ import main as export_main
 from export.exporter import (
     ExportConfig,
     check_graph,
+    expected_tracing_warnings,
     fold_batch_norms,
     run_onnx,
     run_torch,
@@ -247,3 +248,24 @@ def test_torchvision_checkpoint_gives_torchvision_detections(issue_checkpoint):
     assert int(reference["num_detections"][0]) == 100 and verdict.onnx.paired >= 95
     assert compare(reference, onnx_out, 0.5).unexplained(verdict.tolerance.score, 0.05) == []
     assert json.loads(_metadata(out)["class_names"])[1] == "person"
+
+
+def test_only_the_expected_tracing_warnings_are_silenced(caplog):
+    """The two messages every export of our graphs gives are dropped; the same kinds of message about
+    anything else still show."""
+    import logging
+    import warnings
+
+    onnx_ir_log = logging.getLogger("onnx_ir._convenience")
+    axis = "# The axis name: {} will not be used, since it shares the same shape constraints with another axis: {}."
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with expected_tracing_warnings():
+            onnx_ir_log.warning("Attribute type is ambiguous because it is an empty sequence. Defaulted to INTS")
+            onnx_ir_log.warning("Attribute value is out of range")
+            warnings.warn(axis.format("batch", "batch"), UserWarning, stacklevel=1)
+            warnings.warn(axis.format("h32", "w32"), UserWarning, stacklevel=1)
+    assert [r.getMessage() for r in caplog.records] == ["Attribute value is out of range"]
+    assert [str(w.message) for w in shown] == [axis.format("h32", "w32")]
+    onnx_ir_log.warning("Attribute type is ambiguous because it is an empty sequence.")
+    assert len(caplog.records) == 2, "the filter ends with the export"
