@@ -51,7 +51,8 @@ class ArgumentParser(argparse.ArgumentParser):
     ``--help`` prints anyway."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")
+        # "--out: PATH: ..." as the commands' own refusals say it, not argparse's "argument --out: ..."
+        raise UsageError(f"{message.removeprefix('argument ')} (see {self.prog} --help)")
 
 
 def existing_file(text: str) -> Path:

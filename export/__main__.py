@@ -118,7 +118,9 @@ def load(args: argparse.Namespace) -> LoadedModel:
             detections_per_img=args.detections_per_image,
         )
     except CheckpointError as exc:
-        raise (UsageError if args.checkpoint else CommandError)(str(exc)) from None
+        if args.checkpoint:
+            raise UsageError(f"--checkpoint: {exc}") from None
+        raise CommandError(str(exc)) from None
     print(f"  {loaded.source} checkpoint, {loaded.arch}, {loaded.num_classes} classes")
     return loaded
 

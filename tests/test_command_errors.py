@@ -78,7 +78,7 @@ CASES = [
     ("export, missing --checkpoint", "export --checkpoint {missing}.pt --out {missing}.onnx", 2,
      ["--checkpoint", "{missing}.pt", "no such file"]),
     ("export, not a checkpoint", "export --checkpoint {garbage_pt} --out {missing}.onnx", 2,
-     ["{garbage_pt}", "not a readable PyTorch checkpoint"]),
+     ["--checkpoint", "{garbage_pt}", "not a readable PyTorch checkpoint"]),
     ("export, unknown weights", "export --weights Nonsense_Weights.COCO_V1 --out {missing}.onnx", 2,
      ["--weights", "Nonsense_Weights.COCO_V1", "not a torchvision weights name"]),
     ("export, missing --class-names", "export --checkpoint {ckpt} --class-names {missing}.txt --out {missing}.onnx", 2,

@@ -171,7 +171,7 @@ def test_wrong_class_count_is_refused(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "bad.onnx"
     assert export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--num-classes", "91"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: checkpoint does not match r18_fpn with 91 classes")
+    assert err.startswith("error: --checkpoint: checkpoint does not match r18_fpn with 91 classes")
     assert "roi_heads.box_predictor" in err and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
