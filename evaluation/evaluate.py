@@ -8,7 +8,9 @@ the service's own resize, batched by the contract's padding, and its masks are p
 the service's post-processing, so the figures are those of what is served. That is why this package
 sits above both model/ and service/.
 
-CLI: ``python -m evaluation --checkpoint model.onnx|ckpt.pt --data DIR [--out results.json]``.
+CLI: ``python -m evaluation --checkpoint model.onnx|ckpt.pt --data DIR [--out results.json] [--limit N]``.
+AP is COCOeval's fraction (0-1) in the table, the JSON and the returned report alike. Ctrl-C during the
+predictions still evaluates the images done and writes them, marked ``"partial": true``.
 """
 
 from __future__ import annotations
@@ -21,17 +23,33 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
 
+from commandline import (
+    ArgumentParser,
+    CommandError,
+    Interrupted,
+    UsageError,
+    existing_file,
+    existing_folder,
+    output_file,
+    positive_int,
+    run_command,
+)
 from contract import DEFAULT_SCORE_THRESHOLD, pad_batch
-from model.data.coco import CocoDataset
+from model.checkpoint import CheckpointError
+from model.data.checks import load_annotation_json
+from model.data.coco import CocoDataset, find_annotation_file
 from model.files import atomic_path
 from service.postprocess import encode_masks
-from service.runtime import OnnxModel, Prediction, Resized, resize_image, split_outputs
+from service.runtime import ModelLoadError, OnnxModel, Prediction, Resized, resize_image, split_outputs
 
 METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
@@ -85,10 +103,11 @@ def evaluate_predictions(
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:
-    """A small fixed-width table, one row per IoU type, AP values in percent."""
-    lines = [f"{'':6}" + "".join(f"{m:>8}" for m in METRICS)]
+    """A small fixed-width table, one row per IoU type, AP as COCOeval's fraction (0-1, as in the JSON):
+    the corner cell says so, since papers print the same figures in percent."""
+    lines = [f"{'(0-1)':6}" + "".join(f"{m:>8}" for m in METRICS)]
     for iou_type, row in metrics.items():
-        lines.append(f"{iou_type:6}" + "".join(f"{100 * row[m]:8.2f}" for m in METRICS))
+        lines.append(f"{iou_type:6}" + "".join(f"{row[m]:8.4f}" for m in METRICS))
     return "\n".join(lines)
 
 
@@ -207,32 +226,121 @@ def load_predictor(
     return TorchPredictor.from_checkpoint(checkpoint, device, score_threshold)
 
 
+@dataclass
+class Predicted:
+    """The images predicted so far and their COCO results: what Ctrl-C leaves to evaluate."""
+
+    image_ids: list[int] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)
+
+
+class PartialEvaluation(KeyboardInterrupt):
+    """Ctrl-C while predicting: ``report`` scores the images done (``"partial": true``), ``planned`` is how
+    many were asked for. A KeyboardInterrupt still, for callers that do not look at it."""
+
+    def __init__(self, report: dict, planned: int) -> None:
+        super().__init__(f"interrupted after {report['num_images']} of {planned} images")
+        self.report, self.planned = report, planned
+
+
+def read_image(dataset: CocoDataset, image_id: int) -> np.ndarray:
+    """The image, or CommandError naming its file: a data set that breaks mid-run fails the run (exit 1)."""
+    try:
+        return dataset.read_image(image_id)
+    except (OSError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+
+
 def predict_dataset(
     predictor: OnnxPredictor | TorchPredictor,
     dataset: CocoDataset,
     batch_size: int = 1,
     limit: int | None = None,
     progress: bool = True,
+    into: Predicted | None = None,
 ) -> list[dict]:
     """Run the predictor over a CocoDataset as the service would (its resize, the contract's padding, boxes
-    mapped back to original pixels); COCO results for all images."""
+    mapped back to original pixels); COCO results for all images. ``progress`` shows a bar in images
+    (rate, ETA) on stderr; ``into`` collects image ids and results batch by batch, so that an interrupted
+    run keeps what it did."""
     cat_of_label = label_to_category(predictor.class_names, dataset.coco)
-    ids = dataset.image_ids if limit is None else dataset.image_ids[:limit]
-    starts = range(0, len(ids), batch_size)
-    if progress:
-        from tqdm import tqdm
+    ids = dataset.image_ids[:limit]
+    into = into if into is not None else Predicted()
+    with tqdm(total=len(ids), desc="evaluate", unit="img", file=sys.stderr, disable=not progress) as bar:
+        for start in range(0, len(ids), batch_size):
+            batch_ids = ids[start : start + batch_size]
+            items: list[Resized] = [
+                resize_image(read_image(dataset, i), predictor.min_size, predictor.max_size) for i in batch_ids
+            ]
+            images, sizes = pad_batch([r.chw for r in items])
+            for image_id, pred in zip(batch_ids, split_outputs(predictor(images, sizes), items), strict=True):
+                into.results += to_coco_results(pred, image_id, cat_of_label)
+            into.image_ids += batch_ids
+            bar.update(len(batch_ids))
+    return into.results
 
-        starts = tqdm(starts, desc="evaluate", unit="batch", file=sys.stderr)
-    results: list[dict] = []
-    for start in starts:
-        batch_ids = ids[start : start + batch_size]
-        items: list[Resized] = [
-            resize_image(dataset.read_image(i), predictor.min_size, predictor.max_size) for i in batch_ids
-        ]
-        images, sizes = pad_batch([r.chw for r in items])
-        for image_id, pred in zip(batch_ids, split_outputs(predictor(images, sizes), items), strict=True):
-            results += to_coco_results(pred, image_id, cat_of_label)
-    return results
+
+def evaluate_predictor(
+    predictor: OnnxPredictor | TorchPredictor,
+    dataset: CocoDataset,
+    batch_size: int = 1,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """COCO AP of a predictor on the first ``limit`` images of a data set (all by default). Ctrl-C while
+    predicting raises PartialEvaluation with the report of the images done."""
+    predicted = Predicted()
+    try:
+        predict_dataset(predictor, dataset, batch_size, limit, progress, into=predicted)
+    except KeyboardInterrupt:
+        if not predicted.image_ids:
+            raise
+        planned = len(dataset.image_ids[:limit])
+        raise PartialEvaluation(score(predictor, dataset, predicted, partial=True), planned) from None
+    return score(predictor, dataset, predicted, partial=False)
+
+
+def score(predictor: OnnxPredictor | TorchPredictor, dataset: CocoDataset, predicted: Predicted, partial: bool) -> dict:
+    """The JSON-ready report of ``predicted``, scored against the ground truth of its images only."""
+    coco_gt = dataset.coco
+    if len(predicted.image_ids) < len(dataset.image_ids):  # --limit, or interrupted
+        coco_gt = subset_coco(coco_gt, predicted.image_ids)
+    return {
+        "num_images": len(coco_gt.getImgIds()),
+        "num_detections": len(predicted.results),
+        "partial": partial,
+        "min_size": predictor.min_size,
+        "max_size": predictor.max_size,
+        "score_threshold": predictor.score_threshold,
+        "metrics": evaluate_predictions(coco_gt, predicted.results),
+    }
+
+
+def open_dataset(data: str | os.PathLike) -> CocoDataset:
+    """The COCO folder ``data``, or UsageError saying why it is not one (model.data's messages: what was
+    expected, which file)."""
+    root = Path(data)
+    try:
+        ann_file = find_annotation_file(root)
+        return CocoDataset(root, ann_file, data=load_annotation_json(ann_file))
+    except (OSError, ValueError) as exc:  # DataError is a ValueError
+        raise UsageError(f"--data: {exc}") from None
+
+
+def open_predictor(
+    checkpoint: str | os.PathLike, device: str, score_threshold: float | None, dataset: CocoDataset
+) -> OnnxPredictor | TorchPredictor:
+    """The model of ``checkpoint``, or UsageError saying why it cannot be evaluated on ``dataset``: refused
+    before the first image rather than after."""
+    try:
+        predictor = load_predictor(checkpoint, device, score_threshold)
+    except (CheckpointError, ModelLoadError) as exc:
+        raise UsageError(f"--checkpoint: {exc}") from None
+    try:
+        label_to_category(predictor.class_names, dataset.coco)
+    except ValueError as exc:
+        raise UsageError(f"--checkpoint {checkpoint}: {exc}") from None
+    return predictor
 
 
 def evaluate_checkpoint(
@@ -242,30 +350,22 @@ def evaluate_checkpoint(
     device: str = "cpu",
     limit: int | None = None,
     score_threshold: float | None = EVAL_SCORE_THRESHOLD,
+    progress: bool = True,
 ) -> dict:
-    """Evaluate an ONNX file or training checkpoint on a COCO folder; returns a JSON-ready report."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        dataset = CocoDataset(data)
-    predictor = load_predictor(checkpoint, device, score_threshold)
-    results = predict_dataset(predictor, dataset, batch_size, limit)
-    coco_gt = dataset.coco
-    if limit is not None:  # evaluate on the predicted subset only
-        coco_gt = subset_coco(coco_gt, dataset.image_ids[:limit])
-    metrics = evaluate_predictions(coco_gt, results)
-    return {
-        "checkpoint": str(checkpoint),
-        "data": str(data),
-        "num_images": len(coco_gt.getImgIds()),
-        "num_detections": len(results),
-        "min_size": predictor.min_size,
-        "max_size": predictor.max_size,
-        "score_threshold": score_threshold,
-        "metrics": metrics,
-    }
+    """Evaluate an ONNX file or training checkpoint on a COCO folder; returns a JSON-ready report.
+    UsageError when either cannot be used; PartialEvaluation on Ctrl-C while predicting."""
+    dataset = open_dataset(data)
+    predictor = open_predictor(checkpoint, device, score_threshold, dataset)
+    origin = {"checkpoint": str(checkpoint), "data": str(data)}
+    try:
+        return origin | evaluate_predictor(predictor, dataset, batch_size, limit, progress)
+    except PartialEvaluation as exc:
+        exc.report = origin | exc.report
+        raise
 
 
 def subset_coco(coco_gt: COCO, image_ids: list[int]) -> COCO:
-    """A ground-truth COCO restricted to some images (for --limit)."""
+    """A ground-truth COCO restricted to some images (for --limit, or an interrupted run)."""
     keep = set(image_ids)
     sub = COCO()
     sub.dataset = {
@@ -287,24 +387,52 @@ def _json_safe(obj):
     return obj
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="COCO box and mask AP of an ONNX file or a checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="model .onnx file or model.train checkpoint")
-    parser.add_argument("--data", required=True, help="COCO folder: images/ and instances.json")
-    parser.add_argument("--out", help="write the metrics as JSON here")
-    parser.add_argument("--batch-size", type=int, default=1)
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="python -m evaluation", description="COCO box and mask AP (0-1) of an ONNX file "
+                            "or a checkpoint; Ctrl-C evaluates and writes the images done, marked partial.")
+    parser.add_argument("--checkpoint", required=True, type=existing_file,
+                        help="model .onnx file or model.train checkpoint")
+    parser.add_argument("--data", required=True, type=existing_folder,
+                        help="COCO folder: an images folder plus an instances JSON")
+    parser.add_argument("--out", type=output_file, help="write the report as JSON here")
+    parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument("--device", default="cpu", help="for PyTorch checkpoints: cpu or cuda")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument("--limit", type=positive_int, metavar="N",
+                        help="evaluate only the first N images (by image id): a quick look before a full run")
     parser.add_argument("--score-threshold", type=float, default=EVAL_SCORE_THRESHOLD)
-    args = parser.parse_args(argv)
-    report = evaluate_checkpoint(
-        args.checkpoint, args.data, args.batch_size, args.device, args.limit, args.score_threshold
-    )
+    return parser.parse_args(argv)
+
+
+def show(report: dict, out: Path | None, planned: int | None = None) -> None:
+    """Print the report's table, and write it as JSON to ``out``; a partial one says so first."""
+    images, partial = f"{report['num_images']} images", ""
+    if report["partial"]:
+        images, partial = f"{report['num_images']} of {planned} images", "PARTIAL (interrupted): "
+    print(f"{partial}COCO AP of {report['checkpoint']} on {images}, {report['num_detections']} detections")
     print(format_table(report["metrics"]))
-    if args.out:
-        with atomic_path(args.out) as tmp:
+    if out:
+        with atomic_path(out) as tmp:
             tmp.write_text(json.dumps(_json_safe(report), indent=2))
 
 
+def run(argv: Sequence[str] | None = None) -> None:
+    """Evaluate as the command line asks; Ctrl-C shows and writes the images done, then exits 130."""
+    args = parse_args(argv)
+    try:
+        report = evaluate_checkpoint(
+            args.checkpoint, args.data, args.batch_size, args.device, args.limit, args.score_threshold
+        )
+    except PartialEvaluation as exc:
+        show(exc.report, args.out, exc.planned)
+        kept = f"; partial results in {args.out}" if args.out else ""
+        raise Interrupted(f"{exc}{kept}") from None
+    show(report, args.out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m evaluation``: one ``error:`` line and exit status 2 / 1 / 130 for what goes wrong."""
+    return run_command(run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -50,6 +50,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from commandline import ArgumentParser, existing_file, existing_folder, output_file, positive_int, run_command
 from contract import INPUT_NAMES, GraphMetadata, MetadataError, pad_batch
 from export.exporter import load_weights_fp32, store_weights_fp16
 from export.verification import box_iou
@@ -594,12 +595,13 @@ def quantize_model(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m export.quantize", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, type=Path, help="a float graph exported by python -m export")
-    p.add_argument("--calibration", required=True, type=Path, help="folder of JPEG/PNG images (searched recursively)")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--num-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, help="calibration images")
-    p.add_argument("--num-verify", type=int, default=DEFAULT_VERIFICATION_IMAGES,
+    p = ArgumentParser(prog="python -m export.quantize", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, type=existing_file, help="a float graph exported by python -m export")
+    p.add_argument("--calibration", required=True, type=existing_folder,
+                   help="folder of JPEG/PNG images (searched recursively)")
+    p.add_argument("--out", required=True, type=output_file)
+    p.add_argument("--num-images", type=positive_int, default=DEFAULT_CALIBRATION_IMAGES, help="calibration images")
+    p.add_argument("--num-verify", type=positive_int, default=DEFAULT_VERIFICATION_IMAGES,
                    help="held-out images (the ones after the calibration images) to verify on")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE)
     p.add_argument("--min-matched", type=float, default=MIN_MATCHED,
@@ -633,4 +635,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from commandline import ArgumentParser, CommandError, output_folder, run_command
 from service.images import decode_image
 from service.options import SegmentOptions
 from service.overlay import draw
@@ -173,17 +174,28 @@ def read_image(image: str | os.PathLike | bytes) -> tuple[bytes, str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m service.client",
-                                description="Segment images with the service and write their overlays.")
+    p = ArgumentParser(prog="python -m service.client",
+                       description="Segment images with the service and write their overlays.")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--url", default=DEFAULT_URL, help=f"the service (default: MRCNN_URL or {DEFAULT_URL})")
-    p.add_argument("--out", type=Path, default=Path("."), help="folder for IMAGE-stem.overlay.png (default: .)")
+    p.add_argument("--out", type=output_folder, default=Path("."),
+                   help="folder for IMAGE-stem.overlay.png, -2, -3... for a stem seen before (default: .)")
     p.add_argument("--score-threshold", type=float, help="drop detections at or below it (default: the server's)")
     p.add_argument("--max-detections", type=int)
     p.add_argument("--classes", help="class names to keep, comma-separated")
     p.add_argument("--json", action="store_true", help="print each raw response (one line each) instead of a table")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     return p.parse_args(argv)
+
+
+def overlay_path(folder: Path, image: Path, written: set[Path]) -> Path:
+    """``folder/<stem>.overlay.png``, or ``<stem>-2``, ``-3``... when this run already wrote that name (x.jpg
+    and x.png, a/x.jpg and b/x.jpg), so one run never overwrites its own overlays."""
+    out, n = folder / f"{image.stem}.overlay.png", 1
+    while out in written:
+        n += 1
+        out = folder / f"{image.stem}-{n}.overlay.png"
+    return out
 
 
 def table(dets: Sequence[Detection]) -> str:
@@ -201,13 +213,14 @@ def overlay_png(data: bytes, dets: Sequence[Detection]) -> bytes:
     return buf.getvalue()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """0 when every image was segmented, 1 otherwise (one ``error:`` line per failure)."""
+def segment_images(argv: Sequence[str] | None = None) -> int:
+    """0 when every image was segmented, 1 otherwise (one ``error:`` line per image that failed)."""
     args = parse_args(argv)
     client = SegmentClient(args.url, args.timeout)
     options = {"score_threshold": args.score_threshold, "max_detections": args.max_detections,
                "classes": args.classes}
     failed = False
+    written: set[Path] = set()
     for path in args.images:
         try:
             data = path.read_bytes()
@@ -218,15 +231,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             body = client.request(data, **options)
         except SegmentError as exc:
-            print(f"error: {path}: {exc}", file=sys.stderr)
             if exc.status is None:  # the server is down: every other image would fail too
-                return 1
+                raise CommandError(f"{path}: {exc}") from None
+            print(f"error: {path}: {exc}", file=sys.stderr)
             failed = True
             continue
         dets = detections_of(body)
-        out = args.out / f"{path.stem}.overlay.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(overlay_png(data, dets))  # encoded first, so a failure leaves no half file
+        out = overlay_path(args.out, path, written)
+        write_overlay(out, overlay_png(data, dets))
+        written.add(out)
         if args.json:
             print(json.dumps(body, separators=(",", ":")))
         else:
@@ -234,6 +247,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{path}: {len(dets)} detection(s) in {total:.0f} ms -> {out}")
             print(table(dets))
     return 1 if failed else 0
+
+
+def write_overlay(out: Path, png: bytes) -> None:
+    """Write the overlay (encoded before, so a failure leaves no half file); a folder that cannot take it
+    stops the run, as every later image would fail the same way."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(png)
+    except OSError as exc:
+        raise CommandError(f"cannot write {out} ({exc.strerror or exc})") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mrcnn-segment``: exit 0 when every image was segmented, 1 otherwise, 2 for a bad command line."""
+    return run_command(segment_images, argv)
 
 
 if __name__ == "__main__":

@@ -119,3 +119,18 @@ def test_command_errors_are_one_line(demo_server, shapes_image: KnownImage, tmp_
     assert done.stderr.splitlines() == [f"error: {shapes_image.path}: cannot reach the server at {down} "
                                         "([Errno 111] Connection refused)"]
     assert not (tmp_path / "down").exists()
+
+
+def test_images_with_one_stem_get_one_overlay_each(demo_server, shapes_image: KnownImage, tmp_path: Path,
+                                                   capsys) -> None:
+    """x.jpg, x.png and another folder's x.png: three overlays, none written over another of the same run."""
+    (tmp_path / "b").mkdir()
+    images = [tmp_path / "x.jpg", tmp_path / "x.png", tmp_path / "b" / "x.png"]
+    for path in images:
+        Image.fromarray(shapes_image.image).save(path)
+    out = tmp_path / "out"
+    assert main([*map(str, images), "--url", demo_server.url, "--out", str(out)]) == 0
+    names = ["x.overlay.png", "x-2.overlay.png", "x-3.overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    said = [line.split(" -> ")[1] for line in capsys.readouterr().out.splitlines() if " -> " in line]
+    assert said == [str(out / name) for name in names]

@@ -47,7 +47,9 @@ def test_ground_truth_scores_one(shapes_gt: Path) -> None:
     for iou_type in ("bbox", "segm"):
         for name in ("AP", "AP50", "AP75"):
             assert metrics[iou_type][name] == pytest.approx(1.0)
-    assert "segm" in format_table(metrics)
+    header, bbox, segm = format_table(metrics).splitlines()
+    assert header.split()[:2] == ["(0-1)", "AP"]  # the table says its unit, the JSON's
+    assert bbox.split()[:2] == ["bbox", "1.0000"] and segm.startswith("segm")
 
 
 def test_no_predictions_score_zero(shapes_gt: Path) -> None:
@@ -93,6 +95,7 @@ class _OraclePredictor:
         }
         for i in range(b):
             s = self.dataset.load(self.calls + i)
+            masks = s.masks.full()  # box-local crops (BoxMasks) at the image size
             nh, nw = resized_size(s.height, s.width, self.min_size, self.max_size)
             assert (nh, nw) == tuple(image_sizes[i])
             scale = np.array([nw / s.width, nh / s.height] * 2, np.float32)
@@ -103,7 +106,7 @@ class _OraclePredictor:
             out["labels"][i, :n] = s.labels
             for k in range(n):
                 x1, y1, x2, y2 = s.boxes[k].astype(int)
-                crop = s.masks[k, y1:y2, x1:x2].astype(np.float32)
+                crop = masks[k, y1:y2, x1:x2].astype(np.float32)
                 out["masks"][i, k] = cv2.resize(crop, (m, m), interpolation=cv2.INTER_LINEAR)
         self.calls += b
         return out
@@ -119,6 +122,35 @@ def test_predict_dataset_maps_results_back(shapes_gt: Path) -> None:
     assert metrics["bbox"]["AP"] > 0.95  # boxes survive the resize round trip
     assert metrics["segm"]["AP50"] > 0.95 and metrics["segm"]["AP"] > 0.6  # 28x28 masks lose detail
     assert not math.isnan(metrics["segm"]["AP75"])
+
+
+class _InterruptedPredictor(_OraclePredictor):
+    """The oracle, until Ctrl-C arrives during its third batch of two."""
+
+    score_threshold = 0.05
+
+    def __call__(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
+        if self.calls == 4:
+            raise KeyboardInterrupt
+        return super().__call__(images, image_sizes)
+
+
+def test_ctrl_c_scores_and_writes_the_images_done(shapes_gt: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Ctrl-C after 4 of 6 images: the command still scores those 4 (against their own ground truth), prints
+    and writes them marked partial, and exits 130 with one line saying where they are."""
+    from evaluation import evaluate
+
+    monkeypatch.setattr(evaluate, "load_predictor", lambda *_: _InterruptedPredictor(evaluate.open_dataset(shapes_gt)))
+    checkpoint, out = tmp_path / "model.onnx", tmp_path / "eval.json"
+    checkpoint.touch()
+    argv = ["--checkpoint", str(checkpoint), "--data", str(shapes_gt), "--out", str(out), "--batch-size", "2"]
+    assert evaluate.main(argv) == 130
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"PARTIAL (interrupted): COCO AP of {checkpoint} on 4 of 6 images")
+    assert captured.err.splitlines()[-1] == f"error: interrupted after 4 of 6 images; partial results in {out}"
+    report = json.loads(out.read_text())
+    assert report["partial"] is True and report["num_images"] == 4
+    assert report["metrics"]["bbox"]["AP"] > 0.95
 
 
 def test_cli_on_an_untrained_checkpoint(shapes_gt: Path, tmp_path: Path, capsys) -> None:
@@ -152,10 +184,12 @@ def test_cli_on_an_untrained_checkpoint(shapes_gt: Path, tmp_path: Path, capsys)
         ckpt,
     )
     out = tmp_path / "eval" / "results.json"
-    main(["--checkpoint", str(ckpt), "--data", str(shapes_gt), "--out", str(out), "--limit", "2", "--batch-size", "2"])
+    argv = ["--checkpoint", str(ckpt), "--data", str(shapes_gt), "--out", str(out), "--limit", "2", "--batch-size", "2"]
+    assert main(argv) == 0
     assert "bbox" in capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert report["num_images"] == 2 and (report["min_size"], report["max_size"]) == (96, 128)
+    assert report["num_images"] == 2 and report["partial"] is False
+    assert (report["min_size"], report["max_size"]) == (96, 128)
     for iou_type in ("bbox", "segm"):
         assert set(report["metrics"][iou_type]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
         assert report["metrics"][iou_type]["AP"] < 0.1
@@ -212,7 +246,7 @@ def test_cli_on_an_onnx_file(shapes_gt: Path, tmp_path: Path) -> None:
     path = tmp_path / "constant.onnx"
     _constant_onnx(path)
     out = tmp_path / "results.json"
-    main(["--checkpoint", str(path), "--data", str(shapes_gt), "--out", str(out)])
+    assert main(["--checkpoint", str(path), "--data", str(shapes_gt), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["num_images"] == 6 and report["num_detections"] == 6
     assert (report["min_size"], report["max_size"]) == (64, 96)

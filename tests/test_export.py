@@ -14,12 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from commandline import UsageError
 from contract import OUTPUT_NAMES
 from export.__main__ import graph_metadata, parse_args
 from export.__main__ import main as export_main
 from export.exporter import (
     ExportConfig,
     check_graph,
+    expected_tracing_warnings,
     fold_batch_norms,
     run_onnx,
     run_torch,
@@ -160,24 +162,23 @@ def test_tolerance_warns_and_is_recorded(tiny_onnx_model, tiny_checkpoint):
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])
-def test_tolerance_must_be_positive(value, capsys):
-    with pytest.raises(SystemExit):
-        parse_args(["--checkpoint", "c.pt", "--out", "x.onnx", "--tolerance", value])
-    assert "--tolerance must be positive" in capsys.readouterr().err
+def test_tolerance_must_be_positive(value, tiny_checkpoint, tmp_path):
+    with pytest.raises(UsageError, match="--tolerance must be positive"):
+        parse_args(["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x.onnx"), "--tolerance", value])
 
 
 def test_wrong_class_count_is_refused(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "bad.onnx"
-    assert export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--num-classes", "91"]) == 1
+    assert export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--num-classes", "91"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: checkpoint does not match r18_fpn with 91 classes")
+    assert err.startswith("error: --checkpoint: checkpoint does not match r18_fpn with 91 classes")
     assert "roi_heads.box_predictor" in err and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
 
 def test_wrong_architecture_is_refused(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "bad.onnx"
-    assert export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--arch", "r50_fpn"]) == 1
+    assert export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--arch", "r50_fpn"]) == 2
     assert "does not match r50_fpn" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -185,7 +186,7 @@ def test_wrong_architecture_is_refused(tiny_checkpoint, tmp_path, capsys):
 def test_corrupt_checkpoint_is_refused(tmp_path, capsys):
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"\x80\x02 definitely not a checkpoint")
-    assert export_main(["--checkpoint", str(bad), "--out", str(tmp_path / "x.onnx")]) == 1
+    assert export_main(["--checkpoint", str(bad), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.pt"]
 
@@ -247,3 +248,24 @@ def test_torchvision_checkpoint_gives_torchvision_detections(issue_checkpoint):
     assert int(reference["num_detections"][0]) == 100 and verdict.onnx.paired >= 95
     assert compare(reference, onnx_out, 0.5).unexplained(verdict.tolerance.score, 0.05) == []
     assert json.loads(_metadata(out)["class_names"])[1] == "person"
+
+
+def test_only_the_expected_tracing_warnings_are_silenced(caplog):
+    """The two messages every export of our graphs gives are dropped; the same kinds of message about
+    anything else still show."""
+    import logging
+    import warnings
+
+    onnx_ir_log = logging.getLogger("onnx_ir._convenience")
+    axis = "# The axis name: {} will not be used, since it shares the same shape constraints with another axis: {}."
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with expected_tracing_warnings():
+            onnx_ir_log.warning("Attribute type is ambiguous because it is an empty sequence. Defaulted to INTS")
+            onnx_ir_log.warning("Attribute value is out of range")
+            warnings.warn(axis.format("batch", "batch"), UserWarning, stacklevel=1)
+            warnings.warn(axis.format("h32", "w32"), UserWarning, stacklevel=1)
+    assert [r.getMessage() for r in caplog.records] == ["Attribute value is out of range"]
+    assert [str(w.message) for w in shown] == [axis.format("h32", "w32")]
+    onnx_ir_log.warning("Attribute type is ambiguous because it is an empty sequence.")
+    assert len(caplog.records) == 2, "the filter ends with the export"

@@ -115,7 +115,7 @@ def test_write_coco_round_trip(tmp_path) -> None:
 def test_cli_writes_a_data_set(tmp_path, capsys) -> None:
     from model.data.shapes import main
 
-    main(["--out", str(tmp_path / "val"), "--num", "2", "--seed", "9"])
+    assert main(["--out", str(tmp_path / "val"), "--num", "2", "--seed", "9"]) == 0
     data = json.loads((tmp_path / "val" / "instances.json").read_text())
     assert [i["file_name"] for i in data["images"]] == ["000001.png", "000002.png"]
     assert "wrote 2 images" in capsys.readouterr().out

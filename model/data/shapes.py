@@ -15,16 +15,18 @@ DIR/instances.json (RLE segmentations, iscrowd 0, category ids 1..4).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from commandline import ArgumentParser, CommandError, output_folder, positive_int, run_command
 from model.data.sample import Sample, boxes_from_masks
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "star")
@@ -314,16 +316,25 @@ def write_coco(out: str | os.PathLike, num: int, seed: int, image_format: str = 
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a synthetic shapes data set in COCO format.")
-    parser.add_argument("--out", required=True, help="output folder (images/ and instances.json)")
-    parser.add_argument("--num", type=int, required=True, help="number of images")
+def run(argv: Sequence[str] | None = None) -> None:
+    parser = ArgumentParser(prog="python -m model.data.shapes",
+                            description="Write a synthetic shapes data set in COCO format.")
+    parser.add_argument("--out", required=True, type=output_folder, help="output folder (images/ and instances.json)")
+    parser.add_argument("--num", type=positive_int, required=True, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="data set seed; use a fresh one for validation")
     parser.add_argument("--format", choices=("png", "jpg"), default="png", help="image file format")
     args = parser.parse_args(argv)
-    path = write_coco(args.out, args.num, args.seed, args.format)
+    try:
+        path = write_coco(args.out, args.num, args.seed, args.format)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile
+        raise CommandError(f"cannot write the data set: {exc}") from None
     print(f"wrote {args.num} images to {path.parent} ({path.name})")
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m model.data.shapes``: one ``error:`` line and exit status 2 / 1 for what goes wrong."""
+    return run_command(run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
