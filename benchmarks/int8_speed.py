@@ -41,7 +41,7 @@ from export.quantize import (
     quantize_model,
 )
 from model.data.shapes import CALIBRATION_SEED, VALIDATION_SEED, write_coco
-from service.settings import DEFAULT_MODEL_PATH
+from service.core.settings import DEFAULT_MODEL_PATH
 
 CASE = ("800x1333, batch 1", 800, 1333, 1)
 DEMO_INT8 = DEFAULT_MODEL_PATH.with_name("model.int8.onnx")

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from benchmarks import machine, table, write_section
-from service.postprocess import encode_masks
+from service.core.postprocess import encode_masks
 
 HEIGHT, WIDTH, N, M = 800, 1333, 100, 28
 

@@ -30,8 +30,8 @@ from pycocotools.cocoeval import COCOeval
 from contract import DEFAULT_SCORE_THRESHOLD, pad_batch
 from model.data.coco import CocoDataset
 from model.files import atomic_path
-from service.postprocess import encode_masks
-from service.runtime import OnnxModel, Prediction, Resized, resize_image, split_outputs
+from service.core.postprocess import encode_masks
+from service.core.runtime import OnnxModel, Prediction, Resized, resize_by_policy, split_outputs
 
 METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
@@ -214,7 +214,7 @@ def predict_dataset(
     for start in starts:
         batch_ids = ids[start : start + batch_size]
         items: list[Resized] = [
-            resize_image(dataset.read_image(i), predictor.min_size, predictor.max_size) for i in batch_ids
+            resize_by_policy(dataset.read_image(i), predictor.min_size, predictor.max_size) for i in batch_ids
         ]
         images, sizes = pad_batch([r.chw for r in items])
         for image_id, pred in zip(batch_ids, split_outputs(predictor(images, sizes), items), strict=True):

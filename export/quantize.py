@@ -54,8 +54,8 @@ from contract import INPUT_NAMES, GraphMetadata, MetadataError, pad_batch
 from export.exporter import load_weights_fp32, store_weights_fp16
 from export.verification import box_iou
 from model.files import atomic_path
-from service.postprocess import encode_masks
-from service.runtime import OnnxModel, Prediction, resize_image
+from service.core.postprocess import encode_masks
+from service.core.runtime import OnnxModel, Prediction, resize_by_policy
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_CALIBRATION_IMAGES = 32
@@ -372,7 +372,7 @@ class ImageFeeds(CalibrationDataReader):
 
 
 def graph_inputs(image: np.ndarray, metadata: GraphMetadata) -> tuple[np.ndarray, np.ndarray]:
-    resized = resize_image(image, metadata.min_size, metadata.max_size)
+    resized = resize_by_policy(image, metadata.min_size, metadata.max_size)
     return pad_batch([resized.chw], metadata.size_divisibility)
 
 

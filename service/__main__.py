@@ -21,7 +21,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.app import load_app_or_exit
-from service.settings import Settings
+from service.core.settings import Settings
 
 
 class OneSendTransport:

@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from service.images import decode_image
-from service.options import SegmentOptions
+from service.core.images import decode_image
+from service.core.options import SegmentOptions
 from service.overlay import draw
 
 __all__ = ["Detection", "SegmentClient", "SegmentError", "detections_of", "draw", "main"]

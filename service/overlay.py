@@ -1,6 +1,6 @@
 """The picture of a result: every mask tinted in its class's colour, its box, and a ``name score`` label.
 
-The style is defined here once. ``style()`` is what the web page (service/static/page.js) fetches from
+The style is defined here once. ``style()`` is what the web page (service/page/static/page.js) fetches from
 ``GET /page.json``, and ``draw`` renders the same picture in Python, so a PNG written by the overlay
 command and the page's canvas agree: the same colours, the same integer blend of the masks (identical
 pixels), boxes on the same pixel rows and columns, labels in the same place (only the font differs).

@@ -72,7 +72,7 @@ def tiny_onnx_model(tiny_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def model(tiny_onnx_model: Path):  # -> service.runtime.OnnxModel
     """The tiny exported model in a session of its own: what each image gives alone."""
-    from service.runtime import OnnxModel
+    from service.core.runtime import OnnxModel
 
     return OnnxModel(tiny_onnx_model, intra_op_threads=1)
 
@@ -82,7 +82,7 @@ def server(tiny_onnx_model: Path) -> Iterator[ServerThread]:
     """The service (service.app.create_app) serving the tiny exported model, on a loopback port; its
     pipeline is ``server.pipeline``. Batches of up to 8 wait up to 150 ms for company."""
     from service.app import create_app
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     settings = Settings(
         model_path=tiny_onnx_model, max_batch_size=8, max_batch_wait_ms=150, queue_capacity=16,
@@ -112,7 +112,7 @@ class KnownImage(NamedTuple):
 def demo_server() -> Iterator:
     """The bundled demo model (models/demo/model.onnx) served by the real app on a loopback port."""
     from service.app import create_app
-    from service.settings import DEFAULT_MODEL_PATH, Settings
+    from service.core.settings import DEFAULT_MODEL_PATH, Settings
 
     settings = Settings(model_path=DEFAULT_MODEL_PATH, max_upload_bytes=DEMO_MAX_UPLOAD, request_timeout_s=600)
     with ServerThread(create_app(settings)) as server:

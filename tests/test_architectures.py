@@ -28,8 +28,8 @@ from model.backbone import RESNET_LAYOUTS, _slim_resnet
 from model.checkpoint import load_model
 from model.data.shapes import write_coco
 from model.train import load_initial_weights, train
-from service.postprocess import encode_masks
-from service.runtime import OnnxModel
+from service.core.postprocess import encode_masks
+from service.core.runtime import OnnxModel
 from tests.conftest import SHAPE_CLASSES, SLIM_MODELS
 from tests.helpers import iou, scene
 from tests.test_train import _tiny

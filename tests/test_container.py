@@ -483,7 +483,7 @@ def test_segment_matches_native_service(fleet: Fleet):
     from fastapi.testclient import TestClient
 
     from service.app import create_app
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     images = [shapes_png(i) for i in range(2)]
     with http_client() as c:

@@ -320,8 +320,8 @@ def test_dashboard_json_uses_provisioned_datasource():
 
 
 def test_dashboard_metrics_exist_in_the_service():
-    """Every metric the dashboard queries is one the service registers (service/metrics.py)."""
-    from service.metrics import Metrics
+    """Every metric the dashboard queries is one the service registers (service/core/metrics.py)."""
+    from service.core.metrics import Metrics
 
     families = {f.name for f in Metrics().registry.collect()}
     suffixes = ("", "_total", "_bucket", "_sum", "_count", "_info")
@@ -375,8 +375,8 @@ def test_nginx_config_policy():
     retry = _nginx_directive(conf, "proxy_next_upstream")[0].split()
     assert {"error", "timeout", "http_502", "http_503", "non_idempotent"} <= set(retry)
     assert int(_nginx_directive(conf, "proxy_next_upstream_tries")[0]) >= 2
-    # The service's own defaults (service/settings.py): body limit equal, timeouts just above its deadline.
-    from service.settings import Settings
+    # The service's own defaults (service/core/settings.py): body limit equal, timeouts just above its deadline.
+    from service.core.settings import Settings
 
     defaults = {name: f.default for name, f in Settings.model_fields.items()}
     assert _bytes(_nginx_directive(conf, "client_max_body_size")[0]) == defaults["max_upload_bytes"]
@@ -429,7 +429,7 @@ def test_dockerfile_runtime_stage():
 
 def test_k8s_probes_and_grace_period_cover_the_drain():
     """Liveness on /healthz, readiness on /readyz; the grace period outlasts preStop + the drain."""
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     text = (ROOT / "k8s" / "deployment.yaml").read_text()
     probes = dict(re.findall(r"^\s*(\w+Probe):\s*\n\s*httpGet:\s*\n\s*path:\s*(\S+)", text, flags=re.M))
@@ -471,7 +471,7 @@ def test_lb_spreads_requests_over_both_replicas(replicas, lb):
 @needs_nginx
 def test_lb_body_limit_matches_the_service(replicas, lb):
     """A body at the service's limit reaches a replica; one byte more is refused by nginx, as JSON."""
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     limit = Settings.model_fields["max_upload_bytes"].default
     headers = {"content-type": "image/jpeg"}

@@ -23,7 +23,7 @@ import pytest
 
 from service.client import SegmentClient
 from service.overlay import HIGHLIGHT_ALPHA, MASK_ALPHA, blend_masks, class_colour, draw
-from service.page import STATIC_DIR
+from service.page.routes import STATIC_DIR
 from tests.conftest import DEMO_MAX_UPLOAD, KnownImage
 from tests.helpers import assert_found, assert_overlay, drawing_zones
 
@@ -133,7 +133,7 @@ def test_page_files_are_served_outside_the_api_and_its_metrics(demo_server) -> N
     paths = json.loads(get(f"{demo_server.url}/openapi.json")[2])["paths"]
     assert not {"/", "/page.json"} & set(paths) and not any(p.startswith("/static") for p in paths)
     assert segment_requests(demo_server) == before
-    # pyproject.toml ships service/static/* in the package (no subfolders, which that pattern would miss)
+    # pyproject.toml ships service/page/static/* in the package (no subfolders, which that pattern would miss)
     assert all(p.is_file() for p in STATIC_DIR.iterdir())
 
 

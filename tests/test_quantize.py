@@ -15,8 +15,8 @@ from export.exporter import load_weights_fp32, sample_batch
 from export.quantize import FAMILIES, GEOMETRY, RECIPES, WEIGHTED_OPS, masks_as_multiplies, node_families
 from export.quantize import main as quantize_main
 from model.data.shapes import CALIBRATION_SEED, write_coco
-from service.runtime import OnnxModel
-from service.settings import DEFAULT_MODEL_PATH
+from service.core.runtime import OnnxModel
+from service.core.settings import DEFAULT_MODEL_PATH
 
 CALIBRATION = 3
 VERIFY = 2

@@ -8,14 +8,22 @@ full-image array is ever allocated per detection. Cost is proportional to the bo
 
 The RLE run finding and the COCO string compression are vectorized over *all* detections of an image
 at once; the only per-detection Python work is the OpenCV resize and contour calls, which are C loops.
+
+A request's own choices come first: ``select_detections`` keeps its classes and count, and
+``encode_detections`` computes only the mask formats it asked for.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: the mask code alone (benchmarks, evaluation) loads no ONNX Runtime
+    from service.core.options import Resolved
+    from service.core.runtime import Prediction
 
 MASK_THRESHOLD = 0.5
 # A value v (or ~v for negatives) at or above 2^(5k-1) needs more than k 5-bit groups.
@@ -263,3 +271,19 @@ def encode_masks(
         rles = [{"size": [height, width], "counts": s} for s in strings]
     polys = polygons_of(local) if polygons else None
     return EncodedMasks(rles=rles, areas=areas, polygons=polys)
+
+
+def select_detections(pred: Prediction, options: Resolved) -> Prediction:
+    """The detections the request asked for: of its classes, at most its count, best first."""
+    keep = np.arange(len(pred.scores))
+    if options.labels is not None:
+        keep = keep[np.isin(pred.labels, options.labels)]
+    if options.max_detections is not None:
+        keep = keep[: options.max_detections]
+    return replace(pred, boxes=pred.boxes[keep], scores=pred.scores[keep], labels=pred.labels[keep],
+                   masks=pred.masks[keep])
+
+
+def encode_detections(pred: Prediction, options: Resolved) -> EncodedMasks:
+    """The request's detections' masks pasted box-locally into the original image, encoded as it asked."""
+    return encode_masks(pred.masks, pred.boxes, pred.image_size, rle=options.rle, polygons=options.polygons)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.datastructures import MultiDict
 
 MAX_FIELD_BYTES = 64 * 1024  # option fields are short; a huge one is an error, not an option
 
@@ -26,8 +25,8 @@ class FilePart:
 
 @dataclass
 class Form:
-    fields: MultiDict = field(default_factory=MultiDict)
-    files: dict[str, FilePart] = field(default_factory=dict)
+    fields: dict[str, list[str]] = field(default_factory=dict)  # each text field's values, in order
+    files: dict[str, FilePart] = field(default_factory=dict)  # the first file of each name
 
 
 @dataclass
@@ -75,7 +74,6 @@ def parse_multipart(body: bytes, content_type: str) -> Form:
 
 def _collect(parts: list[_Part]) -> Form:
     form = Form()
-    items: list[tuple[str, str]] = []
     for part in parts:
         _, disp = parse_options_header(part.headers.get(b"content-disposition", b""))
         name = disp.get(b"name", b"").decode("utf-8", "replace")
@@ -87,6 +85,5 @@ def _collect(parts: list[_Part]) -> Form:
         elif name:
             if len(data) > MAX_FIELD_BYTES:
                 raise MultipartError(f"form field {name!r} is too long")
-            items.append((name, data.decode("utf-8", "replace")))
-    form.fields = MultiDict(items)
+            form.fields.setdefault(name, []).append(data.decode("utf-8", "replace"))
     return form
