@@ -12,8 +12,9 @@ import pytest
 
 from contract import OUTPUT_NAMES, GraphMetadata
 from export.exporter import load_weights_fp32, sample_batch
-from export.quantize import FAMILIES, GEOMETRY, RECIPES, WEIGHTED_OPS, masks_as_multiplies, node_families
-from export.quantize import main as quantize_main
+from export.quantize.__main__ import main as quantize_main
+from export.quantize.recipes import FAMILIES, GEOMETRY, RECIPES, WEIGHTED_OPS, node_families
+from export.quantize.rewrites import masks_as_multiplies, upsampling_as_conv
 from model.data.shapes import CALIBRATION_SEED, write_coco
 from service.core.runtime import OnnxModel
 from service.core.settings import DEFAULT_MODEL_PATH
@@ -85,6 +86,24 @@ def test_masks_as_multiplies_changes_no_output_on_a_padded_batch(tiny_onnx_model
     np.testing.assert_array_equal(before["labels"], after["labels"])
     np.testing.assert_allclose(before["boxes"], after["boxes"], atol=1e-3)
     np.testing.assert_allclose(before["scores"], after["scores"], atol=1e-5)
+
+
+def test_upsampling_as_conv_changes_no_output(tiny_onnx_model: Path) -> None:
+    """The mask predictor's 2x2 stride-2 ConvTranspose (and its ReLU) rewritten as a 1x1 convolution, ReLU and
+    DepthToSpace: no ConvTranspose is left and the masks, the only output it feeds, are the same to float
+    rounding; the other outputs are untouched."""
+    original = float_graph(tiny_onnx_model)
+    rewritten = float_graph(tiny_onnx_model)
+    convs = upsampling_as_conv(rewritten)
+    onnx.checker.check_model(rewritten)
+    ops = [node.op_type for node in rewritten.graph.node]
+    assert len(convs) == 1 and "ConvTranspose" not in ops and "DepthToSpace" in ops
+    images, sizes = (t.numpy() for t in sample_batch([(320, 416), (224, 288)], seed=5))
+    before, after = run(original, images, sizes), run(rewritten, images, sizes)
+    assert (before["num_detections"] > 0).all()
+    for name in ("boxes", "scores", "labels", "num_detections"):
+        np.testing.assert_array_equal(before[name], after[name])
+    np.testing.assert_allclose(before["masks"], after["masks"], atol=1e-5)
 
 
 def test_cli_writes_a_servable_int8_graph_with_its_metadata(tiny_onnx_model: Path, quantized: Path) -> None:
