@@ -27,9 +27,10 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from benchmarks import machine, write_section
 from contract import OUTPUT_NAMES, pad_batch
@@ -258,8 +259,9 @@ def run_onnx_per_image(path: Path, repeats: int, queue: mp.Queue) -> None:
     queue.put({b: statistics.median(t) * 1000 for b, t in times.items()})
 
 
-def _in_child(target, *args) -> object:
-    """Run ``target(*args, queue)`` in a fresh process and return what it put on the queue."""
+def _in_child(target: Callable[..., None], *args: object) -> Any:
+    """Run ``target(*args, queue)`` in a fresh process and return what it put on the queue (any picklable
+    value: its type is the target's to say)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     process = ctx.Process(target=target, args=(*args, queue))

@@ -157,7 +157,7 @@ class TorchPredictor:
     model.checkpoint as the exporter loads it: its class names and size policy come with it."""
 
     def __init__(
-        self, path: str | os.PathLike, device: str = "cpu", score_threshold: float | None = EVAL_SCORE_THRESHOLD
+        self, path: str | os.PathLike[str], device: str = "cpu", score_threshold: float | None = EVAL_SCORE_THRESHOLD
     ) -> None:
         import torch
 
@@ -165,7 +165,7 @@ class TorchPredictor:
 
         self.torch = torch
         self.device = torch.device(device)
-        loaded = load_model(path)
+        loaded = load_model(os.fspath(path))
         self.model = loaded.model.to(self.device)
         self.class_names: list[str] = loaded.class_names
         self.min_size, self.max_size = loaded.min_size, loaded.max_size

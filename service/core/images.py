@@ -90,8 +90,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         im.seek(0)
         im.load()
-        im = ImageOps.exif_transpose(im) or im
-        rgb = _to_rgb(im)
+        rgb = _to_rgb(ImageOps.exif_transpose(im) or im)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadRequest("undecodable_image", f"the image could not be decoded ({exc})") from None
     return np.ascontiguousarray(rgb)

@@ -264,7 +264,7 @@ def encode_masks(
     n = len(local)
     det, start, end = rle_runs(local)
     areas = np.bincount(det, weights=end - start, minlength=n).astype(np.int64)
-    rles = None
+    rles: list[dict[str, object]] | None = None
     if rle:
         height, width = image_size
         strings = rle_strings(*rle_counts(det, start, end, n, height * width))

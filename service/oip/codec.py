@@ -155,7 +155,8 @@ def request_schema() -> dict[str, Any]:
             return {k: inline(v) for k, v in node.items()}
         return [inline(v) for v in node] if isinstance(node, list) else node
 
-    return inline(schema)
+    inlined: dict[str, Any] = inline(schema)
+    return inlined
 
 
 # ---- tensors -------------------------------------------------------------------------------------------

@@ -118,9 +118,9 @@ def tensor_call(request: ParsedRequest, settings: Settings, info: GraphMetadata)
 def _image(tensor: Tensor) -> bytes | np.ndarray:
     if tensor.name == "PIXELS":
         return tensor.data
-    data = tensor.data.ravel()[0]
+    data = tensor.data.ravel()[0]  # an object array's element: bytes when binary, else a str
     if tensor.binary:
-        return data
+        return bytes(data)
     try:  # a JSON string: the file, base64-encoded
         return base64.b64decode(data, validate=True)
     except binascii.Error:
@@ -143,7 +143,8 @@ def output_values(name: str, done: Segmented, class_names: list[str]) -> np.ndar
     if name == "labels":
         return pred.labels
     if name == "class_names":
-        return np.array(class_names, dtype=object)[pred.labels].reshape(-1)
+        names: np.ndarray = np.array(class_names, dtype=object)[pred.labels].reshape(-1)
+        return names
     assert done.masks is not None  # the options asked for this encoding (_with_outputs)
     encoded = done.masks.rles if name == "masks" else done.masks.polygons
     assert encoded is not None

@@ -13,7 +13,7 @@ from service.core.postprocess import EncodedMasks
 from service.core.runtime import Prediction
 
 
-def detection_dicts(pred: Prediction, encoded: EncodedMasks, class_names: list[str]) -> list[dict]:
+def detection_dicts(pred: Prediction, encoded: EncodedMasks, class_names: list[str]) -> list[dict[str, object]]:
     """One JSON-ready dict per detection (schemas.Detection); absent formats are left out."""
     boxes = np.round(pred.boxes.astype(np.float64), 2).tolist()
     rows = zip(pred.labels.tolist(), pred.scores.tolist(), boxes, encoded.areas.tolist(), strict=True)
