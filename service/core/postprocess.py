@@ -186,6 +186,10 @@ def rle_strings(counts: np.ndarray, lens: np.ndarray) -> list[str]:
     groups, each + 48 as an ASCII char, 0x20 meaning "more follows"; the last group's 0x10 bit is
     the sign. All counts of all detections are encoded at once, one column per 5-bit group (rarely
     more than 4), then cut per detection.
+
+    Kept rather than pycocotools' own ``frPyObjects`` on the uncompressed counts (the same C code, same
+    strings): for 100 detections of an 800x1333 image this takes 0.56 ms, pycocotools 0.75 ms, most of it
+    turning the counts into the Python lists it takes (benchmarks/libraries_vs_ours.py, RESULTS.md).
     """
     if lens.size == 0:
         return []
