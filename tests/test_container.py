@@ -54,6 +54,9 @@ from tests.deployment import (
 )
 from tests.helpers import free_port, iou
 
+# Every test here builds or runs the image with a real Docker engine.
+pytestmark = pytest.mark.docker
+
 DOCKERD = binary("dockerd")
 # The client of Debian's docker.io, which builds with BuildKit by itself (a newer client needs the buildx
 # plugin for that). BuildKit builds only the stages the target needs: the legacy builder would also

@@ -19,6 +19,7 @@ DEMO_MODEL = DEFAULT_MODEL_PATH  # models/demo/model.onnx
 DEMO_INT8 = DEMO_MODEL.with_name("model.int8.onnx")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [DEMO_MODEL, DEMO_INT8], ids=["float32", "int8"])
 def test_demo_model_segments_fresh_images(path: Path, tmp_path: Path) -> None:
     """Mask AP50 >= 0.9 on 50 held-out images, evaluated with pycocotools' COCOeval."""

@@ -266,6 +266,7 @@ def _promql(expr: str) -> str:
     return expr
 
 
+@pytest.mark.docker
 @needs_compose
 def test_compose_config_accepted(tmp_path):
     env = clean_env()
@@ -454,6 +455,7 @@ def test_k8s_probes_and_grace_period_cover_the_drain():
 # processes: topology, failover, monitoring
 
 
+@pytest.mark.slow
 @needs_nginx
 def test_lb_spreads_requests_over_both_replicas(replicas, lb):
     before = [r.served() for r in replicas]
@@ -468,6 +470,7 @@ def test_lb_spreads_requests_over_both_replicas(replicas, lb):
         assert c.get(lb.url + "/readyz").status_code == 200
 
 
+@pytest.mark.slow
 @needs_nginx
 def test_lb_body_limit_matches_the_service(replicas, lb):
     """A body at the service's limit reaches a replica; one byte more is refused by nginx, as JSON."""
@@ -485,6 +488,7 @@ def test_lb_body_limit_matches_the_service(replicas, lb):
     assert over.json()["error"]["code"] == "payload_too_large"  # nginx's answer, in the service's format
 
 
+@pytest.mark.slow
 @needs_nginx
 def test_failover_when_a_replica_is_killed(replicas, spare_replica):
     survivor, victim = replicas[0], spare_replica
@@ -554,6 +558,7 @@ class _Probe(threading.Thread):
             self.client.close()
 
 
+@pytest.mark.slow
 @needs_nginx
 def test_sigterm_drains_without_client_errors(replicas, spare_replica):
     survivor, victim = replicas[0], spare_replica
@@ -606,6 +611,7 @@ def _send_errors(base_url: str) -> list[int]:
     return [undecodable.status_code, unsupported.status_code]
 
 
+@pytest.mark.slow
 @needs_nginx
 @needs_prometheus
 def test_prometheus_scrapes_replicas_and_dashboard_queries_return_data(replicas, lb, prometheus):

@@ -123,6 +123,7 @@ def _metadata(path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
+@pytest.mark.slow
 def test_a_wrong_graph_is_refused(tiny_onnx_model, tiny_checkpoint):
     """The tiny graph against its own checkpoint built with half-pixel RoIAlign (the graph has torchvision's
     legacy mode): a real kind of export bug, and refused although its errors are small in absolute terms."""
@@ -136,6 +137,7 @@ def test_a_wrong_graph_is_refused(tiny_onnx_model, tiny_checkpoint):
     assert "FAILS" in str(result) and "error" in result.problem()
 
 
+@pytest.mark.slow
 def test_skip_verify_warns_and_the_metadata_says_so(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "unverified.onnx"
     assert export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--skip-verify"]) == 0
@@ -145,6 +147,7 @@ def test_skip_verify_warns_and_the_metadata_says_so(tiny_checkpoint, tmp_path, c
     assert _metadata(out)["verification"] == "skipped (--skip-verify)"
 
 
+@pytest.mark.slow
 def test_tolerance_warns_and_is_recorded(tiny_onnx_model, tiny_checkpoint):
     """--tolerance 50: the rule allows 50 x float32's noise, a warning says so, and so will the metadata
     (written as --skip-verify's is above). Checked on the session's tiny graph, without another export."""
@@ -216,6 +219,7 @@ def noisy_r50_checkpoint(tmp_path_factory):
     return tv, ckpt, out, code, printed.getvalue()
 
 
+@pytest.mark.slow
 def test_fixed_tolerances_refuse_a_valid_checkpoint_the_measured_rule_accepts(noisy_r50_checkpoint):
     """Fixed tolerances (ONNX Runtime against PyTorch float32 within 1e-3 px or 0.1% of a box, 1e-4 in
     scores, every detection paired, mask IoU >= 0.99) refuse this graph; the rule built on float32's
@@ -232,6 +236,7 @@ def test_fixed_tolerances_refuse_a_valid_checkpoint_the_measured_rule_accepts(no
     assert direct.figures.box > 1e-3 or direct.figures.score > 1e-4  # ... yet fixed tolerances would refuse it
 
 
+@pytest.mark.slow
 def test_torchvision_checkpoint_gives_torchvision_detections(noisy_r50_checkpoint):
     """On an image torchvision's transform leaves as it is, ONNX Runtime's detections are torchvision's: as
     close to the exact (float64) answer as float32's noise allows, torchvision itself being the float32 run."""

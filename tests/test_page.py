@@ -137,6 +137,7 @@ def test_page_files_are_served_outside_the_api_and_its_metrics(demo_server) -> N
     assert all(p.is_file() for p in STATIC_DIR.iterdir())
 
 
+@pytest.mark.browser
 def test_rle_decoder_keeps_holes(page) -> None:
     """The page's COCO RLE decoder and rasterizer against pycocotools' encoder: a ring (a hole), separate
     parts, the first and the last pixel, and counts long enough for several 5-bit groups and negative
@@ -156,6 +157,7 @@ def test_rle_decoder_keeps_holes(page) -> None:
     assert console_errors(page) == []
 
 
+@pytest.mark.browser
 def test_upload_draws_masks_filters_and_highlights(
     page, demo_server, shapes_image: KnownImage, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -220,6 +222,7 @@ def test_upload_draws_masks_filters_and_highlights(
     assert console_errors(page) == []
 
 
+@pytest.mark.browser
 def test_oversized_file_shows_the_servers_413_message(page, tmp_path: Path) -> None:
     big = tmp_path / "big.png"
     big.write_bytes(np.random.default_rng(0).bytes(DEMO_MAX_UPLOAD + 1))

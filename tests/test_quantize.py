@@ -127,6 +127,7 @@ def test_cli_writes_a_servable_int8_graph_with_its_metadata(tiny_onnx_model: Pat
     assert preds[0].masks.shape[1:] == (28, 28) and len(preds[0].boxes) > 0
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_graph_below_the_bar_and_leaves_no_file(
     tiny_onnx_model: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -178,6 +179,7 @@ def shapes_images(tmp_path_factory) -> Path:
     return write_coco(folder, num=DEMO_CALIBRATION + DEMO_VERIFY, seed=CALIBRATION_SEED).parent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("recipe", "passes"), [("backbone+heads", True), ("every-conv", False)])
 def test_the_documented_bar_on_the_trained_demo_model(
     recipe: str, passes: bool, shapes_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
