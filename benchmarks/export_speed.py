@@ -72,7 +72,7 @@ def _torchvision_model(min_size: int):
     import torch
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-    from model.backbone import calibrate_batch_norms, random_images
+    from tests.helpers import calibrate_batch_norms, random_images
 
     torch.manual_seed(0)
     model = maskrcnn_resnet50_fpn(
@@ -107,8 +107,8 @@ def _c4_checkpoint(path: Path) -> None:
     import torchvision
 
     from model import build_model
-    from model.backbone import calibrate_batch_norms, random_images
     from model.train import load_initial_weights
+    from tests.helpers import calibrate_batch_norms, random_images
 
     torch.manual_seed(0)
     resnet = torchvision.models.resnet50(weights=None)

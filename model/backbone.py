@@ -251,27 +251,3 @@ def _upsample_to(x: Tensor, like: Tensor) -> Tensor:
     if like.shape[-2] == 2 * x.shape[-2] and like.shape[-1] == 2 * x.shape[-1]:
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
     return F.interpolate(x, size=like.shape[-2:], mode="nearest")
-
-
-def random_images(size: int, seed: int = 99) -> Tensor:
-    """Two random ``size`` x ``size`` RGB images, normalized about as ImageNet's statistics would: [2, 3, H, W]."""
-    return (torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed)) - 0.45) / 0.225
-
-
-def calibrate_batch_norms(module: nn.Module, images: Tensor) -> None:
-    """Give a randomly initialized network's batch norms the statistics of ``images`` (normalized
-    [N, 3, H, W]), as a trained network has, for tests and benchmarks with random weights. ``module`` runs
-    on them as it is: a ResNet body, or a torchvision backbone with its FPN (whose v2 has batch norms too).
-
-    With torchvision's default running statistics (mean 0, variance 1) activations grow by orders of
-    magnitude through the 16 blocks of a ResNet-50; objectness and class scores then saturate into exact
-    ties whose order float rounding decides, which measures nothing. Calibrated, activations stay O(10).
-    """
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: the statistics of this one batch
-            m.reset_running_stats()
-    module.train()
-    with torch.no_grad():
-        module(images)
-    module.eval()
