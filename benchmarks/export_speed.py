@@ -107,7 +107,7 @@ def _c4_checkpoint(path: Path) -> None:
     import torchvision
 
     from model import build_model
-    from model.train import load_initial_weights
+    from model.fine_tune import load_initial_weights, resolve_initial_weights
     from tests.helpers import calibrate_batch_norms, random_images
 
     torch.manual_seed(0)
@@ -115,7 +115,7 @@ def _c4_checkpoint(path: Path) -> None:
     calibrate_batch_norms(resnet, random_images(512))
     model = build_model("r50_c4")
     torch.save(resnet.state_dict(), path.with_suffix(".resnet50.pth"))
-    load_initial_weights(model, path.with_suffix(".resnet50.pth"))
+    load_initial_weights(model, resolve_initial_weights(path.with_suffix(".resnet50.pth")))
     torch.save({"model": model.state_dict(), "config": {"arch": "r50_c4"}}, path)
 
 

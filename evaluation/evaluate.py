@@ -153,23 +153,36 @@ class OnnxPredictor:
 
 
 class TorchPredictor:
-    """A PyTorch checkpoint in eval mode (a model.train checkpoint, or torchvision's state dict), loaded by
-    model.checkpoint as the exporter loads it: its class names and size policy come with it."""
+    """A PyTorch model in eval mode with its class names and size policy: loaded from a checkpoint (a
+    model.train checkpoint, or torchvision's state dict) by model.checkpoint as the exporter loads it, or a
+    model in training (model.train's periodic evaluation)."""
 
     def __init__(
-        self, path: str | os.PathLike[str], device: str = "cpu", score_threshold: float | None = EVAL_SCORE_THRESHOLD
+        self,
+        model,  # model.mask_rcnn.MaskRCNN, in eval mode
+        class_names: list[str],
+        min_size: int,
+        max_size: int,
+        device: str | object = "cpu",
+        score_threshold: float | None = EVAL_SCORE_THRESHOLD,
     ) -> None:
         import torch
 
-        from model.checkpoint import load_model
-
         self.torch = torch
         self.device = torch.device(device)
-        loaded = load_model(os.fspath(path))
-        self.model = loaded.model.to(self.device)
-        self.class_names: list[str] = loaded.class_names
-        self.min_size, self.max_size = loaded.min_size, loaded.max_size
+        self.model = model.to(self.device)
+        self.class_names: list[str] = list(class_names)
+        self.min_size, self.max_size = min_size, max_size
         self.score_threshold = score_threshold
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device: str = "cpu", score_threshold: float | None = EVAL_SCORE_THRESHOLD
+    ) -> TorchPredictor:
+        from model.checkpoint import load_model
+
+        loaded = load_model(path)
+        return cls(loaded.model, loaded.class_names, loaded.min_size, loaded.max_size, device, score_threshold)
 
     def __call__(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
@@ -191,7 +204,7 @@ def load_predictor(
     """ONNX Runtime for .onnx files, PyTorch for anything else (a model.train checkpoint)."""
     if str(checkpoint).endswith(".onnx"):
         return OnnxPredictor(checkpoint, score_threshold)
-    return TorchPredictor(checkpoint, device, score_threshold)
+    return TorchPredictor.from_checkpoint(checkpoint, device, score_threshold)
 
 
 def predict_dataset(

@@ -20,7 +20,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 # ``norm`` option of build_model -> batch-norm layer: frozen statistics for fine-tuning and inference
 # (torchvision's checkpoints load into either), trainable ones to train from scratch.
-NORM_LAYERS: dict[str, type[nn.Module]] = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
+# "syncbn" builds batch norms that model.train converts to SyncBatchNorm under DDP (same state dict as "bn").
+NORM_LAYERS: dict[str, type[nn.Module]] = {
+    "frozen_bn": FrozenBatchNorm2d,
+    "bn": nn.BatchNorm2d,
+    "syncbn": nn.BatchNorm2d,
+}
 
 
 class ProposalCounts(NamedTuple):

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from contract import COCO_NUM_CLASSES, DEFAULT_ARCH, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
-from model.architectures import for_torchvision_builder
+from model.architectures import ARCHITECTURES, for_torchvision_builder
+from model.backbone import RESNET_LAYOUTS
 from model.mask_rcnn import MaskRCNN, build_model
 
 # torchvision's parameter names before its modules' version 2 (torchvision 0.12), which older state dicts,
@@ -34,6 +35,7 @@ _LEGACY_NAMES = (
         lambda m: f"{m[1]}.{int(m[2]) - 1}.0.{m[3]}",
     ),
 )
+_BOX_HEAD_CONV = re.compile(r"roi_heads\.box_head\.\d+\.0\.weight")  # v2's convolutions (Conv2dNormActivation)
 
 
 class CheckpointError(ValueError):
@@ -79,25 +81,40 @@ def torchvision_cache_path(url: str) -> Path:
 
 
 def fetch_torchvision_weights(name: str) -> LoadedCheckpoint:
-    """torchvision's weights ``name`` (e.g. ``MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1``) through its
-    weights API: downloaded from its URL once with its hash checked, then read from torchvision's cache.
+    """torchvision's detection weights ``name`` (e.g. ``MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1``) through
+    its weights API: downloaded from its URL once with its hash checked, then read from torchvision's cache.
     The architecture is the one that loads the weights' builder's state dicts, the class names the
     weights' own."""
-    from torchvision.models import detection, get_model_weights, get_weight, list_models
+    from torchvision.models import detection, get_model_weights, list_models
 
-    try:
-        weights = get_weight(name)
-    except (ValueError, KeyError):
-        example = "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1"
-        raise CheckpointError(f"{name}: not a torchvision weights name (e.g. {example})") from None
+    weights = torchvision_weights(name)
     builders = [b for b in list_models(module=detection) if get_model_weights(b) is type(weights)]
     try:
         arch = for_torchvision_builder(builders[0] if builders else type(weights).__name__)
     except ValueError as exc:
         raise CheckpointError(f"{name}: {exc}") from None
+    state_dict = download_weights(name)
+    return LoadedCheckpoint(state_dict, "torchvision", {"arch": arch}, list(weights.meta["categories"]))
+
+
+def torchvision_weights(name: str):  # -> torchvision.models.WeightsEnum member
+    """The member of torchvision's weights enums called ``name``, or CheckpointError."""
+    from torchvision.models import get_weight
+
+    try:
+        return get_weight(name)
+    except (ValueError, KeyError, AttributeError):
+        example = "MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1"
+        raise CheckpointError(f"{name}: not a torchvision weights name (e.g. {example})") from None
+
+
+def download_weights(name: str) -> dict[str, Tensor]:
+    """The state dict of torchvision's weights ``name``: its weights API's cache, download and hash check,
+    with one readable line when there is no network (where to put the file instead)."""
+    weights = torchvision_weights(name)
     cached = torchvision_cache_path(weights.url)
     try:
-        state_dict = weights.get_state_dict(progress=False, check_hash=True)
+        return weights.get_state_dict(progress=False, check_hash=True)
     except OSError as exc:  # urllib's URLError and the socket's errors are OSErrors
         reason = getattr(exc, "reason", None) or exc
         raise CheckpointError(
@@ -106,7 +123,39 @@ def fetch_torchvision_weights(name: str) -> LoadedCheckpoint:
     except Exception as exc:  # torch.hub's hash check, or a cached file torch.load cannot read
         first_line = (str(exc).splitlines() or [""])[0]
         raise CheckpointError(f"{name} ({cached}): {type(exc).__name__}: {first_line}") from None
-    return LoadedCheckpoint(state_dict, "torchvision", {"arch": arch}, list(weights.meta["categories"]))
+
+
+def architecture_of(state_dict: dict[str, Tensor]) -> str | None:
+    """Our architecture whose state dicts have these keys and shapes (today's names), or None: the body
+    from its blocks (basic or bottleneck, blocks per stage, groups), the rest from the layers each
+    architecture has (C4's res5, batch norms in the FPN, the RPN's and box head's convolutions). So a
+    torchvision v2 file needs no ``--arch``."""
+    keys = set(state_dict)
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix) :].split(".")[0] for k in keys if k.startswith(prefix)})
+
+    conv2 = state_dict.get("backbone.body.layer1.0.conv2.weight")
+    if conv2 is None:
+        return None
+    stages = tuple(count(f"backbone.body.layer{i}.") for i in (1, 2, 3))
+    bottleneck = "backbone.body.layer1.0.conv3.weight" in keys
+    groups = state_dict["backbone.body.layer1.0.conv1.weight"].shape[0] // conv2.shape[1]
+    bodies = [
+        name
+        for name, (block, layers, layout_groups, _) in RESNET_LAYOUTS.items()
+        if (block.__name__ == "Bottleneck") == bottleneck and layers[:3] == stages and layout_groups == groups
+    ]
+    found = {
+        "head": "c4" if any(k.startswith("roi_heads.res5.") for k in keys) else "fpn",
+        "fpn_norm": "backbone.fpn.inner_blocks.0.1.weight" in keys,
+        "rpn_convs": count("rpn.head.conv."),
+        "box_head_convs": sum(1 for k in keys if _BOX_HEAD_CONV.fullmatch(k)),
+    }
+    for name, spec in ARCHITECTURES.items():
+        if spec.body in bodies and all(getattr(spec, k) == v for k, v in found.items()):
+            return name
+    return None
 
 
 def check_compatible(model: MaskRCNN, state_dict: dict[str, Tensor], what: str) -> None:
@@ -168,7 +217,8 @@ def load_torchvision_weights(name: str, arch: str | None = None, num_classes: in
 
 def _build(ckpt: LoadedCheckpoint, arch: str | None, num_classes: int | None, **overrides) -> LoadedModel:
     cfg = ckpt.config
-    arch = arch or cfg.get("arch", DEFAULT_ARCH)
+    state_dict = current_names(ckpt.state_dict)
+    arch = arch or cfg.get("arch") or architecture_of(state_dict) or DEFAULT_ARCH
     if num_classes is None:
         num_classes = int(cfg.get("num_classes") or (len(ckpt.class_names) if ckpt.class_names else COCO_NUM_CLASSES))
     kwargs = {**cfg.get("model", {}), **overrides}
@@ -177,7 +227,6 @@ def _build(ckpt: LoadedCheckpoint, arch: str | None, num_classes: int | None, **
         model = build_model(arch, num_classes, **kwargs)
     except (TypeError, ValueError) as exc:  # the checkpoint's options do not fit the architecture asked for
         raise CheckpointError(f"checkpoint does not match {what}: {exc}") from None
-    state_dict = current_names(ckpt.state_dict)
     check_compatible(model, state_dict, what)
     model.load_state_dict(state_dict, strict=False)
     names = list(ckpt.class_names) if ckpt.class_names else default_class_names(num_classes)

@@ -247,6 +247,15 @@ def _backward(ctx, grad):
 roi_align.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _roi_align_fp32(features: Tensor, rois: Tensor, *args) -> Tensor:
+    """``roi_align`` in float32 under autocast, as torchvision runs its own: in float16 the RoIs' coordinates
+    (and so the sampling points) would lose precision. Outside autocast, the features' dtype."""
+    if not torch.is_autocast_enabled(features.device.type):
+        return roi_align(features, rois, *args)
+    with torch.autocast(features.device.type, enabled=False):
+        return roi_align(features.float(), rois.float(), *args)
+
+
 def fpn_level_of_rois(boxes: Tensor, min_level: int = 2, max_level: int = 5) -> Tensor:
     """FPN level per RoI (FPN paper eq. 1): k = floor(4 + log2(sqrt(wh) / 224)), clamped to [min, max].
 
@@ -293,7 +302,7 @@ class MultiScaleRoIAlign(torch.nn.Module):
         for level, (feature, stride) in enumerate(zip(features, self.strides, strict=True)):
             idx = (levels == level).nonzero().squeeze(1)
             idx = idx[spatial_order(boxes[idx], batch_index[idx], stride)]
-            pooled.append(roi_align(feature, rois[idx], 1 / stride, size, size, ratio, self.aligned))
+            pooled.append(_roi_align_fp32(feature, rois[idx], 1 / stride, size, size, ratio, self.aligned))
             order.append(idx)
         # One gather back into the RoIs' order (scattering each level into a zero tensor copies it 4 times).
         return torch.cat(pooled)[torch.argsort(torch.cat(order))]

@@ -238,12 +238,13 @@ class RoIHeads(nn.Module):
         sampled_labels = labels[image, row]
         pos = (sampled_labels > 0).nonzero().squeeze(1)
         box_features, mask_features = self.training_features(features, boxes, image, pos)
-        class_logits, box_regression = self.box_predictor(box_features)
+        class_logits, box_regression = (t.float() for t in self.box_predictor(box_features))  # losses in fp32
         regression_targets = box_coder.encode(gt_boxes[image, matched], boxes, BOX_WEIGHTS)
         losses = fastrcnn_loss(class_logits, box_regression, sampled_labels, regression_targets)
 
         mask_targets = self.project_masks(targets, gt_valid, image[pos], matched[pos], boxes[pos])
-        losses["loss_mask"] = maskrcnn_loss(self.mask_predictor(mask_features), sampled_labels[pos], mask_targets)
+        mask_logits = self.mask_predictor(mask_features).float()
+        losses["loss_mask"] = maskrcnn_loss(mask_logits, sampled_labels[pos], mask_targets)
         return losses
 
     def project_masks(

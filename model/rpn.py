@@ -102,8 +102,9 @@ class RegionProposalNetwork(nn.Module):
             for block in inner:
                 x = masks.relu(block[0](x), stride)
             x = last(x)
-            logits.append(self.head.cls_logits(x))
-            deltas.append(self.head.bbox_pred(x))
+            # float32 under autocast: anchors take the logits' dtype, and box decoding needs float32.
+            logits.append(self.head.cls_logits(x).float())
+            deltas.append(self.head.bbox_pred(x).float())
         return logits, deltas
 
     def select_proposals(self, levels: list[RPNLevel], image_sizes: Tensor) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,8 @@ from model.architectures import ARCHITECTURES
 from model.backbone import RESNET_LAYOUTS, _slim_resnet
 from model.checkpoint import load_model
 from model.data.shapes import write_coco
-from model.train import load_initial_weights, train
+from model.fine_tune import load_initial_weights, resolve_initial_weights
+from model.train import train
 from service.core.postprocess import encode_masks
 from service.core.runtime import OnnxModel
 from tests.conftest import SHAPE_CLASSES, SLIM_MODELS
@@ -74,8 +75,8 @@ def test_imagenet_classifier_loads_into_the_body(tmp_path, arch, classifier):
     reference = getattr(torchvision.models, classifier)(weights=None).state_dict()
     torch.save(reference, tmp_path / "imagenet.pth")
     model = build_model(arch, 3, norm="bn", rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20)
-    skipped, _ = load_initial_weights(model, tmp_path / "imagenet.pth")
-    assert skipped == ["fc.bias", "fc.weight"]
+    report = load_initial_weights(model, resolve_initial_weights(tmp_path / "imagenet.pth"))
+    assert report.unused == ["fc.bias", "fc.weight"]
     own = model.state_dict()
     expected = {_our_name(arch, key): value for key, value in reference.items() if not key.startswith("fc.")}
     assert sorted(expected) == sorted(k for k in own if k.startswith(("backbone.body.", "roi_heads.res5.")))

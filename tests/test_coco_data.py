@@ -111,18 +111,19 @@ def test_reads_polygon_and_rle(handmade: Path) -> None:
     assert s.image.shape == (40, 60, 3) and s.image[0, 0].tolist() == [200, 0, 0]  # RGB order
     assert s.labels.tolist() == [2, 1, 1]  # dog, cat, cat; the crowd region is dropped
     np.testing.assert_allclose(s.boxes, [[10, 20, 20, 30], [30, 5, 50, 20], [2, 30, 58, 38]])
-    square = s.masks[0]
+    masks = s.masks.full()
+    square = masks[0]
     assert square[22:28, 12:18].all() and square.sum() == pytest.approx(100, abs=25)
     ys, xs = np.nonzero(square)
     assert xs.min() >= 10 and xs.max() <= 20 and ys.min() >= 20 and ys.max() <= 30
-    assert s.masks[1].sum() == 225 and s.masks[1][5:15, 30:50].all()
-    assert s.masks[2].sum() == 448 and s.masks[2][30:38, 2:58].all()
+    assert masks[1].sum() == 225 and masks[1][5:15, 30:50].all()
+    assert masks[2].sum() == 448 and masks[2][30:38, 2:58].all()
 
 
 def test_image_without_annotations_is_kept(handmade: Path) -> None:
     s = CocoDataset(handmade).load(1)
     assert s.image.shape == (30, 20, 3)
-    assert s.boxes.shape == (0, 4) and s.labels.shape == (0,) and s.masks.shape == (0, 30, 20)
+    assert s.boxes.shape == (0, 4) and s.labels.shape == (0,) and s.masks.full().shape == (0, 30, 20)
     item = prepare(s, min_size=60, max_size=100)
     assert item.target["boxes"].shape == (0, 4) and item.target["masks"].shape == (0, 90, 60)
 

@@ -192,11 +192,17 @@ def occlude(masks: np.ndarray) -> np.ndarray:
     return visible
 
 
+def _draw_size(rng: np.random.Generator) -> tuple[int, int]:
+    """An image's (height, width): the first draw of its generator."""
+    h, w = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
+    return h, w
+
+
 def generate(seed: int, index: int) -> Sample:
     """Draw image `index` of the data set with this seed. Labels are category ids 1..4 (also the
     contiguous labels, as the categories are contiguous); image_id is index + 1."""
     rng = _rng(seed, index)
-    h, w = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
+    h, w = _draw_size(rng)
     short = min(h, w)
     canvas = _background(rng, h, w)
     full: list[np.ndarray] = []
@@ -246,6 +252,10 @@ class ShapesDataset:
         if not 0 <= index < self.num:
             raise IndexError(index)
         return generate(self.seed, index)
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of image `index`, without drawing it."""
+        return _draw_size(_rng(self.seed, index))
 
 
 def encode_rle(mask: np.ndarray) -> dict:
