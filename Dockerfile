@@ -101,7 +101,7 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('MRCNN_PORT', '8000'), timeout=2)" || exit 1
 
 # The service reads MRCNN_MODEL_PATH, MRCNN_HOST, MRCNN_PORT and every other MRCNN_* setting from the
-# environment (service/settings.py). Exec form: Python is PID 1 and gets SIGTERM (docker stop), on which
+# environment (service/core/settings.py). Exec form: Python is PID 1 and gets SIGTERM (docker stop), on which
 # it drains: readiness goes false, in-flight requests finish, exit 0. Give it a stop timeout above
 # MRCNN_DRAIN_TIMEOUT_S (compose: stop_grace_period).
 STOPSIGNAL SIGTERM

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 COCO_MODEL := models/coco/maskrcnn_v2.onnx
 MODEL ?=
 
-.PHONY: install test lint serve bench coco-model deploy-deps clean
+.PHONY: install test test-fast test-gpu lint serve bench coco-model deploy-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,19 @@ install: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Two workers, a test file each at a time (module fixtures such as the Docker engine stay single).
 test: $(STAMP) lint
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile
+
+# The fast tier (pyproject.toml's markers): unit tests and the tiny model's service tests, a few minutes.
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile -m "not slow and not docker and not browser and not gpu"
+
+# The CUDA set (tests/test_gpu.py), on a machine with a GPU.
+test-gpu: $(STAMP)
+	bash scripts/gpu_tests.sh
 
 serve: $(STAMP)
 	$(PY) -m service --host 0.0.0.0 --port 8000 $(if $(MODEL),--model $(MODEL))

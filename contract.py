@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, Self, TypeVar
 
 import numpy as np
 
@@ -20,7 +21,6 @@ FORMAT_VERSION = "1"
 # Inputs: a zero-padded uint8 RGB batch, each image's real (resized) size, and an optional per-image
 # score threshold (the file gives it a default, so callers may omit it).
 INPUT_NAMES = ("images", "image_sizes", "score_threshold")
-REQUIRED_INPUTS = INPUT_NAMES[:2]
 # Fixed-size outputs, rows sorted by score and zero past num_detections (like TensorRT's EfficientNMS).
 OUTPUT_NAMES = ("boxes", "scores", "labels", "masks", "num_detections")
 # Padded heights and widths are multiples of this: the stride of the coarsest FPN level the graph pools.
@@ -126,7 +126,19 @@ def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple
     return max(int(math.floor(height * scale)), 1), max(int(math.floor(width * scale)), 1)
 
 
-def padded_size(height: int, width: int, divisibility: int = SIZE_DIVISIBILITY) -> tuple[int, int]:
+class Integers(Protocol):
+    """What ``padded_size`` computes with: Python ints, or integer arrays and tensors (the model pads a
+    batch of sizes at once)."""
+
+    def __neg__(self) -> Self: ...
+    def __floordiv__(self, other: int, /) -> Self: ...
+    def __mul__(self, other: int, /) -> Self: ...
+
+
+SizeT = TypeVar("SizeT", bound=Integers)
+
+
+def padded_size(height: SizeT, width: SizeT, divisibility: int = SIZE_DIVISIBILITY) -> tuple[SizeT, SizeT]:
     """``height`` and ``width`` rounded up to multiples of ``divisibility``."""
     return -(-height // divisibility) * divisibility, -(-width // divisibility) * divisibility
 
@@ -135,7 +147,8 @@ def pad_batch(images: Sequence[np.ndarray], divisibility: int = SIZE_DIVISIBILIT
     """Zero-pad CHW uint8 images right/bottom into the graph's ``images`` [B, 3, H, W] (H and W multiples
     of ``divisibility``) and ``image_sizes`` int64 [B, 2] (each image's real height, width)."""
     sizes = np.array([im.shape[1:3] for im in images], dtype=np.int64).reshape(-1, 2)
-    height, width = padded_size(*(int(v) for v in sizes.max(axis=0)), divisibility)
+    tallest, widest = (int(v) for v in sizes.max(axis=0))
+    height, width = padded_size(tallest, widest, divisibility)
     batch = np.zeros((len(images), 3, height, width), dtype=np.uint8)
     for i, im in enumerate(images):
         batch[i, :, : im.shape[1], : im.shape[2]] = im

@@ -27,9 +27,10 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from benchmarks import machine, write_section
 from contract import OUTPUT_NAMES, pad_batch
@@ -71,7 +72,7 @@ def _torchvision_model(min_size: int):
     import torch
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-    from model.backbone import calibrate_batch_norms, random_images
+    from tests.helpers import calibrate_batch_norms, random_images
 
     torch.manual_seed(0)
     model = maskrcnn_resnet50_fpn(
@@ -106,8 +107,8 @@ def _c4_checkpoint(path: Path) -> None:
     import torchvision
 
     from model import build_model
-    from model.backbone import calibrate_batch_norms, random_images
     from model.fine_tune import load_initial_weights, resolve_initial_weights
+    from tests.helpers import calibrate_batch_norms, random_images
 
     torch.manual_seed(0)
     resnet = torchvision.models.resnet50(weights=None)
@@ -258,8 +259,9 @@ def run_onnx_per_image(path: Path, repeats: int, queue: mp.Queue) -> None:
     queue.put({b: statistics.median(t) * 1000 for b, t in times.items()})
 
 
-def _in_child(target, *args) -> object:
-    """Run ``target(*args, queue)`` in a fresh process and return what it put on the queue."""
+def _in_child(target: Callable[..., None], *args: object) -> Any:
+    """Run ``target(*args, queue)`` in a fresh process and return what it put on the queue (any picklable
+    value: its type is the target's to say)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     process = ctx.Process(target=target, args=(*args, queue))

@@ -30,18 +30,12 @@ from pathlib import Path
 from benchmarks import machine, table, write_section
 from benchmarks.export_speed import THREADS, _in_child, alternate, export_graph, ratio_stats
 from benchmarks.serve_load import free_port, images, jpeg, load, percentile, server_env, start_server
-from export.quantize import (
-    DEFAULT_CALIBRATION_IMAGES,
-    DEFAULT_RECIPE,
-    GEOMETRY,
-    RECIPES,
-    Agreement,
-    Bar,
-    Recipe,
-    quantize_model,
-)
+from export.quantize.calibration import DEFAULT_CALIBRATION_IMAGES
+from export.quantize.checking import Agreement, VerificationBar
+from export.quantize.quantizer import quantize_model
+from export.quantize.recipes import DEFAULT_RECIPE, GEOMETRY, RECIPES, Recipe
 from model.data.shapes import CALIBRATION_SEED, VALIDATION_SEED, write_coco
-from service.settings import DEFAULT_MODEL_PATH
+from service.core.settings import DEFAULT_MODEL_PATH
 
 CASE = ("800x1333, batch 1", 800, 1333, 1)
 DEMO_INT8 = DEFAULT_MODEL_PATH.with_name("model.int8.onnx")
@@ -52,7 +46,8 @@ HTTP_THRESHOLD = 0.5  # the server's default
 
 def quantize_r50(graph: Path, calibration: Path, out: Path, recipe: str, queue) -> None:
     """In a child process: R-50's calibration holds every activation of an 800x1333 pass."""
-    quantize_model(graph, calibration, out, RECIPES[recipe], R50_CALIBRATION, 1, Bar(0.0, 0.0, 0.0), log=print)
+    bar = VerificationBar(0.0, 0.0, 0.0)
+    quantize_model(graph, calibration, out, RECIPES[recipe], R50_CALIBRATION, 1, bar, log=print)
     queue.put(out.stat().st_size / 2**20)
 
 
@@ -64,12 +59,12 @@ def demo_rows(recipes: list[str], calibration: Path, validation: Path, tmp: Path
         metrics = evaluate_checkpoint(path, validation, batch_size=4, limit=limit)["metrics"]
         return {"mask": 100 * metrics["segm"]["AP"], "box": 100 * metrics["bbox"]["AP"]}
 
-    rows = {"float32": {"ap": ap(DEFAULT_MODEL_PATH), "agreement": None}}
+    rows: dict[str, dict[str, object]] = {"float32": {"ap": ap(DEFAULT_MODEL_PATH), "agreement": None}}
     for recipe in recipes:
         out = tmp / f"demo.{recipe}.onnx"
         # A bar of 0: every recipe gets a file to evaluate; whether it meets the real bar is reported.
-        agreement = quantize_model(DEFAULT_MODEL_PATH, calibration, out, RECIPES[recipe],
-                                   DEFAULT_CALIBRATION_IMAGES, DEMO_VERIFICATION, Bar(0.0, 0.0), log=lambda _: None)
+        agreement = quantize_model(DEFAULT_MODEL_PATH, calibration, out, RECIPES[recipe], DEFAULT_CALIBRATION_IMAGES,
+                                   DEMO_VERIFICATION, VerificationBar(0.0, 0.0), log=lambda _: None)
         rows[recipe] = {"ap": ap(out), "agreement": agreement}
         print(f"demo {recipe}: {rows[recipe]['ap']} | {agreement}", flush=True)
     return rows
@@ -85,7 +80,7 @@ def http_rounds(models: dict[str, Path], rounds: int, requests: int) -> dict[str
             port = free_port()
             servers[name] = (start_server(path, port, server_env(8, 5.0, 16)), f"http://127.0.0.1:{port}")
             asyncio.run(load(servers[name][1], bodies[:2], 1, 2, params))  # warm the server's paths
-        out = {name: {"throughput": [], "p50": []} for name in models}
+        out: dict[str, dict[str, list[float]]] = {name: {"throughput": [], "p50": []} for name in models}
         for _ in range(rounds):
             for name, (_, url) in servers.items():
                 wall, _, _ = asyncio.run(load(url, bodies, 16, requests, params))

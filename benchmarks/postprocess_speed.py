@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from benchmarks import machine, table, write_section
-from service.postprocess import encode_masks
+from service.core.postprocess import EncodedMasks, encode_masks
 
 HEIGHT, WIDTH, N, M = 800, 1333, 100, 28
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     masks, boxes = detections()
     tm, tb = torch.from_numpy(masks)[:, None], torch.from_numpy(boxes)
 
-    def ours() -> object:
+    def ours() -> EncodedMasks:
         return encode_masks(masks, boxes, (HEIGHT, WIDTH))
 
     def ours_rle_only() -> object:

@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import machine, table, write_section
-from service.runtime import OnnxModel
-from service.settings import DEFAULT_MODEL_PATH
+from service.core.runtime import OnnxModel
+from service.core.settings import DEFAULT_MODEL_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 

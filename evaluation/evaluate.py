@@ -48,8 +48,8 @@ from model.checkpoint import CheckpointError
 from model.data.checks import load_annotation_json
 from model.data.coco import CocoDataset, find_annotation_file
 from model.files import atomic_path
-from service.postprocess import encode_masks
-from service.runtime import ModelLoadError, OnnxModel, Prediction, Resized, resize_image, split_outputs
+from service.core.postprocess import encode_masks
+from service.core.runtime import ModelLoadError, OnnxModel, Prediction, Resized, resize_by_policy, split_outputs
 
 METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
@@ -270,7 +270,7 @@ def predict_dataset(
         for start in range(0, len(ids), batch_size):
             batch_ids = ids[start : start + batch_size]
             items: list[Resized] = [
-                resize_image(read_image(dataset, i), predictor.min_size, predictor.max_size) for i in batch_ids
+                resize_by_policy(read_image(dataset, i), predictor.min_size, predictor.max_size) for i in batch_ids
             ]
             images, sizes = pad_batch([r.chw for r in items])
             for image_id, pred in zip(batch_ids, split_outputs(predictor(images, sizes), items), strict=True):

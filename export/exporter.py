@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -30,6 +31,8 @@ from export.onnx_ops import translation_table
 from export.verification import DEFAULT_FACTOR, Rule, SampleVerification, compare
 from model.files import atomic_path
 from model.mask_rcnn import MaskRCNN
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 DEFAULT_OPSET = 18
 
@@ -76,7 +79,7 @@ class InferenceGraph(nn.Module):
         return tuple(result[name] for name in OUTPUT_NAMES)
 
 
-def fold_batch_norms(module: nn.Module) -> nn.Module:
+def fold_batch_norms(module: ModuleT) -> ModuleT:
     """Fold every (frozen) batch norm that directly follows a convolution into that convolution.
 
     Inference-time batch norm is a per-channel affine map, so conv -> BN is one conv with rescaled
@@ -91,15 +94,19 @@ def fold_batch_norms(module: nn.Module) -> nn.Module:
     return module
 
 
-def _folded(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+def _folded(conv: nn.Conv2d, bn: Any) -> nn.Conv2d:
+    """``conv`` then ``bn`` (nn.BatchNorm2d or torchvision's FrozenBatchNorm2d, which share the attributes
+    read here but no type) as one convolution."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     bias = bn.bias - bn.running_mean * scale
     if conv.bias is not None:
         bias = bias + conv.bias * scale
     fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
-        padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+        conv.in_channels, conv.out_channels,
+        conv.kernel_size, conv.stride, conv.padding, conv.dilation,  # type: ignore[arg-type]  # stored as tuple[int, ...]
+        conv.groups, padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
     )
+    assert fused.bias is not None  # bias=True, Conv2d's default
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale[:, None, None, None])
         fused.bias.copy_(bias)
@@ -230,6 +237,8 @@ def _trace(model: MaskRCNN, path: Path, opset: int, sample: tuple[Tensor, Tensor
             optimize=True,
             verbose=False,
         )
+    if program is None:  # torch.onnx.export returns None only when asked to write the file itself
+        raise RuntimeError("torch.onnx.export returned no ONNX program")
     program.save(str(path))
 
 

@@ -133,7 +133,9 @@ class Comparison:
         return [u for u in self.unpaired if not u.at_a_cut(score_tolerance, score_threshold)]
 
 
-def _unpaired(outputs: dict[str, np.ndarray], other: dict[str, np.ndarray], image: int, rows, side: str) -> list:
+def _unpaired(
+    outputs: dict[str, np.ndarray], other: dict[str, np.ndarray], image: int, rows: np.ndarray, side: str
+) -> list[Unpaired]:
     n, n_other = int(outputs["num_detections"][image]), int(other["num_detections"][image])
     lonely = np.setdiff1d(np.arange(n), rows)
     other_lowest = float(other["scores"][image, n_other - 1]) if n_other else float("inf")

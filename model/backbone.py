@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet, conv1x1
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -79,7 +79,7 @@ class PaddingMasks:
     ``relu(x, stride)`` is ``ReLU(x)`` zeroed outside: ReLU(x + bias) with bias 0 inside and the most
     negative float outside, which ONNX Runtime fuses into the convolution that produced ``x``.
     ``zero(x, stride)`` multiplies by 0/1, for activations without a ReLU (the FPN's). The int8 graph
-    cannot quantize that bias: export/quantize.py (``masks_as_multiplies``) recognizes this exported form
+    cannot quantize that bias: export/quantize/rewrites.py (``masks_as_multiplies``) recognizes this exported form
     and rewrites it as multiplies, so a change here needs one there.
     """
 
@@ -135,7 +135,7 @@ RESNET_LAYOUTS: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, ...], 
 }
 
 
-def resnet_body(name: str, norm_layer: type[nn.Module], width: int = 64) -> nn.Module:
+def resnet_body(name: str, norm_layer: type[nn.Module], width: int = 64) -> ResNet:
     """The ResNet body of torchvision's builder ``name`` (a key of RESNET_LAYOUTS) without its classifier:
     torchvision's own at stem width 64, so its ImageNet state dicts load into it (minus ``fc``); at another
     width the same layout from torchvision's blocks with ``width`` channels in the stem (for small models)."""
@@ -187,7 +187,7 @@ def stage_channels(body: nn.Module, stages: int = 4) -> list[int]:
     return [(block.conv3 if isinstance(block, Bottleneck) else block.conv2).out_channels for block in last]
 
 
-def resnet_stages(body: nn.Module, x: Tensor, masks: PaddingMasks, stages: int = 4) -> list[Tensor]:
+def resnet_stages(body: ResNet, x: Tensor, masks: PaddingMasks, stages: int = 4) -> list[Tensor]:
     """The stem and the first ``stages`` stages of a torchvision ResNet body on a padded batch, padding-
     invariant: the features C2, C3, ... (strides STAGE_STRIDES)."""
     x = masks.relu(body.bn1(body.conv1(x)), 2)  # the stem convolution has stride 2
@@ -251,27 +251,3 @@ def _upsample_to(x: Tensor, like: Tensor) -> Tensor:
     if like.shape[-2] == 2 * x.shape[-2] and like.shape[-1] == 2 * x.shape[-1]:
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
     return F.interpolate(x, size=like.shape[-2:], mode="nearest")
-
-
-def random_images(size: int, seed: int = 99) -> Tensor:
-    """Two random ``size`` x ``size`` RGB images, normalized about as ImageNet's statistics would: [2, 3, H, W]."""
-    return (torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed)) - 0.45) / 0.225
-
-
-def calibrate_batch_norms(module: nn.Module, images: Tensor) -> None:
-    """Give a randomly initialized network's batch norms the statistics of ``images`` (normalized
-    [N, 3, H, W]), as a trained network has, for tests and benchmarks with random weights. ``module`` runs
-    on them as it is: a ResNet body, or a torchvision backbone with its FPN (whose v2 has batch norms too).
-
-    With torchvision's default running statistics (mean 0, variance 1) activations grow by orders of
-    magnitude through the 16 blocks of a ResNet-50; objectness and class scores then saturate into exact
-    ties whose order float rounding decides, which measures nothing. Calibrated, activations stay O(10).
-    """
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: the statistics of this one batch
-            m.reset_running_stats()
-    module.train()
-    with torch.no_grad():
-        module(images)
-    module.eval()

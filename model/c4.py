@@ -19,6 +19,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.resnet import Bottleneck
 
 from model.anchor_utils import ANCHOR_SIZES, AnchorLevels
 from model.backbone import STAGE_STRIDES, PaddingMasks, resnet_body, resnet_stages, stage_channels
@@ -68,7 +69,8 @@ class Res5RoIHeads(RoIHeads):
         super().__init__((C4_STRIDE,), C4_MASK_SIZE, aligned, **settings)
         self.roi_pool = MultiScaleRoIAlign(C4_POOL_SIZE, (C4_STRIDE,), SAMPLING_RATIO, aligned)
         self.res5 = res5
-        channels = res5[-1].conv3.out_channels
+        last: Bottleneck = res5[-1]
+        channels = last.conv3.out_channels
         self.box_predictor = FastRCNNPredictor(channels, num_classes)
         self.mask_predictor = MaskRCNNPredictor(channels, mask_channels, num_classes)
         self._init_predictors()

@@ -29,6 +29,9 @@ IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 class MaskRCNN(nn.Module):
+    image_mean: Tensor  # buffers: [1, 3, 1, 1]
+    image_std: Tensor
+
     def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork, roi_heads: RoIHeads):
         """``backbone`` (ResNetFPN or model.c4.ResNetC4) maps a normalized batch and its image sizes to the
         feature maps the RPN and the RoI heads read."""
@@ -105,10 +108,8 @@ def build_model(
         "post_nms_test": rpn_post_nms_top_n_test,
     }
     counts = spec.proposals._replace(**{k: v for k, v in given.items() if v is not None})
-    proposals = {
-        "pre_nms_top_n": {"training": counts.pre_nms_train, "testing": counts.pre_nms_test},
-        "post_nms_top_n": {"training": counts.post_nms_train, "testing": counts.post_nms_test},
-    }
+    pre_nms = {"training": counts.pre_nms_train, "testing": counts.pre_nms_test}
+    post_nms = {"training": counts.post_nms_train, "testing": counts.post_nms_test}
     settings = {
         "batch_size_per_image": box_batch_size_per_image,
         "score_thresh": score_thresh,
@@ -124,12 +125,13 @@ def build_model(
         backbone, res5 = resnet_c4(spec.body, norm_cls, width)
         return MaskRCNN(
             backbone,
-            RegionProposalNetwork(backbone.out_channels, **proposals, conv_depth=spec.rpn_convs, anchors=C4_ANCHORS),
+            RegionProposalNetwork(backbone.out_channels, pre_nms, post_nms, conv_depth=spec.rpn_convs,
+                                  anchors=C4_ANCHORS),
             Res5RoIHeads(res5, num_classes, mask_channels, aligned, **settings),
         )
     return MaskRCNN(
         ResNetFPN(spec.body, norm_cls, width, fpn_channels, fpn_norm=spec.fpn_norm),
-        RegionProposalNetwork(fpn_channels, **proposals, conv_depth=spec.rpn_convs),
+        RegionProposalNetwork(fpn_channels, pre_nms, post_nms, conv_depth=spec.rpn_convs),
         FPNRoIHeads(
             num_classes,
             fpn_channels,

@@ -45,8 +45,8 @@ def _multiclass_nms_fake(boxes, scores, max_output_per_class, iou_threshold, sco
     return boxes.new_empty((num_selected, 3), dtype=torch.int64)
 
 
-def keep_mask(selected: Tensor, shape: tuple[int, int, int]) -> Tensor:
-    """Scatter the (batch, class, box) triples of ``multiclass_nms`` into a boolean mask [B, C, N]."""
+def keep_mask(selected: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Scatter the (batch, class, box) triples of ``multiclass_nms`` into a boolean mask of ``shape`` [B, C, N]."""
     mask = torch.zeros(shape, dtype=torch.bool, device=selected.device)
     return mask.index_put(
         (selected[:, 0], selected[:, 1], selected[:, 2]), torch.ones_like(selected[:, 0], dtype=torch.bool)

@@ -103,7 +103,7 @@ def adaptive_groups(
     if sampled.numel() == 0:
         return []
     keys = samples_h[sampled] * (int(samples_w.max()) + 1) + samples_w[sampled]
-    groups = []
+    groups: list[tuple[tuple[int, int], Tensor]] = []
     for key in torch.unique(keys).tolist():
         index = sampled[keys == key]
         sh, sw = int(samples_h[index[0]]), int(samples_w[index[0]])

@@ -1,8 +1,9 @@
 """Stage two of Mask R-CNN (section 3): per-RoI classification, box regression and the mask branch.
 
-``fastrcnn_loss`` / ``maskrcnn_loss`` and ``box_inference`` / ``mask_inference`` are standalone
-functions, documented on their own. Inference is batched with fixed-size outputs: per-class NMS,
-the top D detections per image, and only the real detections go through the mask branch.
+``fastrcnn_loss`` / ``maskrcnn_loss`` and ``box_inference`` are standalone functions, documented on their
+own; ``RoIHeads.mask_inference`` is the method that runs the mask branch. Inference is batched with
+fixed-size outputs: per-class NMS, the top D detections per image, and only the real detections go through
+the mask branch.
 ``RoIHeads`` is what the FPN and the C4 heads share (sampling, losses, inference); ``FPNRoIHeads`` has the
 FPN's layers, model/c4.py the C4 head's.
 """
@@ -101,6 +102,9 @@ class RoIHeads(nn.Module):
     ``*_features`` methods) and owns the layers: ``box_predictor`` (FastRCNNPredictor) and
     ``mask_predictor`` (MaskRCNNPredictor) among them. ``pooled_strides`` are the strides of the feature
     maps RoIs are pooled from."""
+
+    box_predictor: FastRCNNPredictor  # set by the subclass
+    mask_predictor: MaskRCNNPredictor
 
     def __init__(
         self,

@@ -110,19 +110,19 @@ class RegionProposalNetwork(nn.Module):
 
     def select_proposals(self, levels: list[RPNLevel], image_sizes: Tensor) -> tuple[Tensor, Tensor]:
         """Top-k anchors per level, decoded, clipped, NMS within each level, top-k overall."""
-        boxes, logits, level_ids = [], [], []
+        level_boxes, level_logits, level_of = [], [], []
         for level, lv in enumerate(levels):
             scores = torch.where(lv.inside, lv.logits.detach(), float("-inf"))
             k = torch.sym_min(self.pre_nms_top_n[self._mode()], scores.shape[1])
             top, idx = scores.topk(k, dim=1)
             picked = lv.deltas.detach().gather(1, idx[..., None].expand(-1, -1, 4))
             anchors = lv.anchors.gather(1, idx[..., None].expand(-1, -1, 4))
-            boxes.append(box_coder.decode(picked, anchors, RPN_BOX_WEIGHTS)[..., 0, :])
-            logits.append(top)
-            level_ids.append(torch.full_like(idx[0], level))
-        boxes = box_coder.clip_to_size(torch.cat(boxes, 1), image_sizes)
-        logits = torch.cat(logits, 1)
-        level_ids = torch.cat(level_ids)
+            level_boxes.append(box_coder.decode(picked, anchors, RPN_BOX_WEIGHTS)[..., 0, :])
+            level_logits.append(top)
+            level_of.append(torch.full_like(idx[0], level))
+        boxes = box_coder.clip_to_size(torch.cat(level_boxes, 1), image_sizes)
+        logits = torch.cat(level_logits, 1)
+        level_ids = torch.cat(level_of)
         prob = torch.sigmoid(logits)
         ok = torch.isfinite(logits) & box_coder.is_large_enough(boxes, MIN_PROPOSAL_SIZE) & (prob >= self.score_thresh)
         # NMS within each level: one group per level, each candidate valid in its own level's group only.

@@ -21,7 +21,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.app import load_app_or_exit
-from service.settings import Settings
+from service.core.settings import Settings
 
 
 class OneSendTransport:
@@ -62,8 +62,9 @@ class OneSendTransport:
 class OneSendH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol writing each response in one send (see OneSendTransport)."""
 
+    # uvicorn narrows asyncio.Protocol.connection_made to a Transport itself (with the same ignore).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(OneSendTransport(transport))  # type: ignore[arg-type]
+        super().connection_made(OneSendTransport(transport))  # type: ignore[arg-type]  # a Transport by duck typing
 
 
 class DrainingServer(uvicorn.Server):

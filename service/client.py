@@ -26,14 +26,15 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from commandline import ArgumentParser, CommandError, output_folder, run_command
-from service.images import decode_image
-from service.options import SegmentOptions
+from service.core.images import decode_image
+from service.core.options import SegmentOptions
 from service.overlay import draw
 
 __all__ = ["Detection", "SegmentClient", "SegmentError", "detections_of", "draw", "main"]
@@ -63,7 +64,7 @@ class SegmentError(Exception):
         self.status, self.code = status, code
 
 
-def detections_of(body: dict) -> list[Detection]:
+def detections_of(body: dict[str, Any]) -> list[Detection]:
     """The detections of a /segment response, the RLE masks decoded in one pycocotools call."""
     dets = body["detections"]
     masks = None
@@ -85,11 +86,12 @@ class SegmentClient:
         self.url = url.rstrip("/")
         self.timeout = timeout
 
-    def model(self) -> dict:
+    def model(self) -> dict[str, Any]:
         """GET /v1/model: name, version, classes, input policy."""
-        return json.loads(self._exchange("GET", "/v1/model"))
+        info: dict[str, Any] = json.loads(self._exchange("GET", "/v1/model"))
+        return info
 
-    def request(self, image: str | os.PathLike | bytes, **options: object) -> dict:
+    def request(self, image: str | os.PathLike[str] | bytes, **options: object) -> dict[str, Any]:
         """POST /segment: the parsed response. ``options`` are /segment's (score_threshold,
         max_detections, classes, formats; lists may be given as lists); formats defaults to rle."""
         unknown = sorted(set(options) - set(OPTION_NAMES))
@@ -101,9 +103,10 @@ class SegmentClient:
              if v is not None}
         )
         data, content_type = read_image(image)
-        return json.loads(self._exchange("POST", f"/segment?{query}", data, content_type))
+        body: dict[str, Any] = json.loads(self._exchange("POST", f"/segment?{query}", data, content_type))
+        return body
 
-    def segment(self, image: str | os.PathLike | bytes, **options: object) -> list[Detection]:
+    def segment(self, image: str | os.PathLike[str] | bytes, **options: object) -> list[Detection]:
         """POST /segment: the detections, best first, masks decoded."""
         return detections_of(self.request(image, **options))
 
@@ -160,7 +163,7 @@ def refusal(status: int, body: bytes) -> SegmentError:
         return SegmentError(f"{status}: {text[0] if text else 'no message'}", status)
 
 
-def read_image(image: str | os.PathLike | bytes) -> tuple[bytes, str]:
+def read_image(image: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
     """The bytes to send and their content type (from the file name; unknown: the server sniffs)."""
     if isinstance(image, bytes | bytearray):
         return bytes(image), "application/octet-stream"

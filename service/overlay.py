@@ -1,6 +1,6 @@
 """The picture of a result: every mask tinted in its class's colour, its box, and a ``name score`` label.
 
-The style is defined here once. ``style()`` is what the web page (service/static/page.js) fetches from
+The style is defined here once. ``style()`` is what the web page (service/page/static/page.js) fetches from
 ``GET /page.json``, and ``draw`` renders the same picture in Python, so a PNG written by the overlay
 command and the page's canvas agree: the same colours, the same integer blend of the masks (identical
 pixels), boxes on the same pixel rows and columns, labels in the same place (only the font differs).
@@ -37,11 +37,16 @@ DARK_TEXT_ABOVE = 150  # label text is black on colours brighter than this (Rec.
 class Drawable(Protocol):
     """What ``draw`` reads of a detection (service.client.Detection has it)."""
 
-    label: str
-    class_id: int
-    score: float
-    box: Sequence[float]
-    mask: np.ndarray | None
+    @property
+    def label(self) -> str: ...
+    @property
+    def class_id(self) -> int: ...
+    @property
+    def score(self) -> float: ...
+    @property
+    def box(self) -> Sequence[float]: ...
+    @property
+    def mask(self) -> np.ndarray | None: ...
 
 
 def class_colour(class_id: int) -> tuple[int, int, int]:
@@ -65,7 +70,7 @@ def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, 
     return x0, y0, max(x0, x1), max(y0, y1)
 
 
-def style() -> dict:
+def style() -> dict[str, object]:
     """The page's copy of the style (GET /page.json)."""
     return {
         "palette": [{"fill": list(c), "text": list(text_colour(c))} for c in PALETTE],

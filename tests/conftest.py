@@ -1,10 +1,12 @@
-"""Shared fixtures: tiny models with random weights (fixed seeds), exported once per test session, and one
-real server on loopback serving the exported one (tests/test_service.py, test_v2_protocol.py, test_fuzz.py);
-the bundled demo model served on loopback, and a shapes image with known objects for it to find."""
+"""Shared fixtures: tiny models with random weights (fixed seeds), exported once per test session (once for all
+xdist workers: the first makes it, the others wait and read it), and one real server on loopback serving the
+exported one (tests/test_service.py, test_v2_protocol.py, test_fuzz.py); the bundled demo model served on
+loopback, and a shapes image with known objects for it to find."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,16 +40,30 @@ SLIM_MODELS = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A model.train-style checkpoint of a slim R-18-FPN with random weights (seed 0) and the 4 shape classes."""
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """The file ``name``, made by ``make(path)`` once per test run: under pytest-xdist every worker has its
+    own session, so the first to get here makes it in the run's shared temporary folder (written to a
+    temporary name, then renamed) while the others wait on the lock and reuse it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: the run's, above the worker's
+    path = shared / name
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            partial = path.with_name(f"partial.{name}")
+            make(partial)
+            partial.rename(path)
+    return path
+
+
+def _save_tiny_checkpoint(path: Path) -> None:
     import torch
 
     from model import build_model
 
     torch.manual_seed(0)
     model = build_model("r18_fpn", len(SHAPE_CLASSES), **TINY_MODEL)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
     config = {
         "arch": "r18_fpn",
         "num_classes": len(SHAPE_CLASSES),
@@ -56,7 +72,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         "model": TINY_MODEL,
     }
     torch.save({"model": model.state_dict(), "config": config, "class_names": SHAPE_CLASSES}, path)
-    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A model.train-style checkpoint of a slim R-18-FPN with random weights (seed 0) and the 4 shape classes."""
+    return made_once(tmp_path_factory, "tiny.pt", _save_tiny_checkpoint)
 
 
 @pytest.fixture(scope="session")
@@ -64,15 +85,16 @@ def tiny_onnx_model(tiny_checkpoint, tmp_path_factory) -> Path:
     """``tiny_checkpoint`` exported with the project's exporter (and so verified against PyTorch)."""
     from export.__main__ import main
 
-    out = tmp_path_factory.mktemp("tiny_onnx") / "tiny.onnx"
-    assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--model-name", "tiny"]) == 0
-    return out
+    def export(out: Path) -> None:
+        assert main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--model-name", "tiny"]) == 0
+
+    return made_once(tmp_path_factory, "tiny.onnx", export)
 
 
 @pytest.fixture(scope="session")
 def model(tiny_onnx_model: Path):  # -> service.runtime.OnnxModel
     """The tiny exported model in a session of its own: what each image gives alone."""
-    from service.runtime import OnnxModel
+    from service.core.runtime import OnnxModel
 
     return OnnxModel(tiny_onnx_model, intra_op_threads=1)
 
@@ -82,7 +104,7 @@ def server(tiny_onnx_model: Path) -> Iterator[ServerThread]:
     """The service (service.app.create_app) serving the tiny exported model, on a loopback port; its
     pipeline is ``server.pipeline``. Batches of up to 8 wait up to 150 ms for company."""
     from service.app import create_app
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     settings = Settings(
         model_path=tiny_onnx_model, max_batch_size=8, max_batch_wait_ms=150, queue_capacity=16,
@@ -112,7 +134,7 @@ class KnownImage(NamedTuple):
 def demo_server() -> Iterator:
     """The bundled demo model (models/demo/model.onnx) served by the real app on a loopback port."""
     from service.app import create_app
-    from service.settings import DEFAULT_MODEL_PATH, Settings
+    from service.core.settings import DEFAULT_MODEL_PATH, Settings
 
     settings = Settings(model_path=DEFAULT_MODEL_PATH, max_upload_bytes=DEMO_MAX_UPLOAD, request_timeout_s=600)
     with ServerThread(create_app(settings)) as server:

@@ -23,7 +23,7 @@ from tests.helpers import encode, free_port, metric_values, scene
 ROOT = Path(__file__).resolve().parents[1]
 NGINX_CONF = ROOT / "docker" / "nginx.conf"
 REQUEST_TIMEOUT_S = 60.0
-REQUESTS_TOTAL = "mrcnn_requests_total"  # the service's request counter (service/metrics.py)
+REQUESTS_TOTAL = "mrcnn_requests_total"  # the service's request counter (service/core/metrics.py)
 
 
 def binary(name: str) -> str | None:

@@ -2,7 +2,8 @@
 test server (uvicorn in a thread; tests/conftest.py's ``server`` runs one with the settings below), metric
 readings, and the pixel checks of an overlay.
 
-Importable without torch (the service tests run torch-free); the torch helpers import it themselves.
+Importable without torch (the service tests run torch-free); the torch helpers import it themselves. The
+random-weight helpers (random_images, calibrate_batch_norms) serve benchmarks/export_speed.py too.
 """
 
 from __future__ import annotations
@@ -90,6 +91,34 @@ def model_inputs(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return torch.from_numpy(batch), torch.from_numpy(sizes)
 
 
+def random_images(size: int, seed: int = 99) -> torch.Tensor:
+    """Two random ``size`` x ``size`` RGB images, normalized about as ImageNet's statistics would: [2, 3, H, W]."""
+    import torch
+
+    return (torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed)) - 0.45) / 0.225
+
+
+def calibrate_batch_norms(module: torch.nn.Module, images: torch.Tensor) -> None:
+    """Give a randomly initialized network's batch norms the statistics of ``images`` (normalized
+    [N, 3, H, W]), as a trained network has, for tests and benchmarks with random weights. ``module`` runs
+    on them as it is: a ResNet body, or a torchvision backbone with its FPN (whose v2 has batch norms too).
+
+    With torchvision's default running statistics (mean 0, variance 1) activations grow by orders of
+    magnitude through the 16 blocks of a ResNet-50; objectness and class scores then saturate into exact
+    ties whose order float rounding decides, which measures nothing. Calibrated, activations stay O(10).
+    """
+    import torch
+
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: the statistics of this one batch
+            m.reset_running_stats()
+    module.train()
+    with torch.no_grad():
+        module(images)
+    module.eval()
+
+
 # v2's box head normalizes its features, so with random weights every class scores about 1/91 (all
 # scores within 0.019-0.022, ties everywhere): its classifier's weights are scaled up so that the best
 # scores spread to ~0.08 and tens of detections pass a 0.06 threshold.
@@ -104,7 +133,6 @@ def torchvision_model(arch: str, seed: int = 0, calibration: torch.Tensor | None
     from torchvision.models import get_model
 
     from model.architectures import architecture
-    from model.backbone import calibrate_batch_norms, random_images
 
     torch.manual_seed(seed)
     builder = architecture(arch).torchvision_builder

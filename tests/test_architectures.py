@@ -29,8 +29,8 @@ from model.checkpoint import load_model
 from model.data.shapes import write_coco
 from model.fine_tune import load_initial_weights, resolve_initial_weights
 from model.train import train
-from service.postprocess import encode_masks
-from service.runtime import OnnxModel
+from service.core.postprocess import encode_masks
+from service.core.runtime import OnnxModel
 from tests.conftest import SHAPE_CLASSES, SLIM_MODELS
 from tests.helpers import iou, scene
 from tests.test_train import _tiny
@@ -64,6 +64,7 @@ def test_slim_layouts_are_torchvisions_at_width_64(body):
     assert {k: v.shape for k, v in ours.items()} == shapes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("arch", "classifier"), [("x101_fpn", "resnext101_32x8d"), ("r50_c4", "resnet50")])
 def test_imagenet_classifier_loads_into_the_body(tmp_path, arch, classifier):
     """torchvision's ImageNet state dict of the body (random weights, seed 0: no download) initializes the
@@ -128,6 +129,7 @@ def pipeline(request, tmp_path_factory) -> tuple[str, Path, Path]:
     return arch, checkpoint, graph
 
 
+@pytest.mark.slow
 def test_onnx_runtime_matches_pytorch_on_a_second_input_size(pipeline):
     """Sizes neither the trace (256x320, 192x256) nor the verification (128) used, one image padded."""
     arch, checkpoint, graph = pipeline
@@ -141,6 +143,7 @@ def test_onnx_runtime_matches_pytorch_on_a_second_input_size(pipeline):
     assert result.figures.box <= 1e-4 and result.figures.score <= 1e-4 and result.mask_iou >= 0.99
 
 
+@pytest.mark.slow
 def test_metadata_carries_the_architecture_and_mask_size(pipeline):
     arch, _, graph = pipeline
     meta = {p.key: p.value for p in onnx.load(str(graph), load_external_data=False).metadata_props}
@@ -148,6 +151,7 @@ def test_metadata_carries_the_architecture_and_mask_size(pipeline):
     assert json.loads(meta["class_names"]) == SHAPE_CLASSES
 
 
+@pytest.mark.slow
 def test_service_pastes_the_masks(pipeline):
     """The service reads the mask size from the file and pastes m x m masks into their boxes as torchvision's
     paste_masks_in_image does, at the original image size."""
@@ -165,6 +169,7 @@ def test_service_pastes_the_masks(pipeline):
     assert min(ious) >= 0.9 and np.mean(ious) >= 0.97
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["onnx", "checkpoint"])
 def test_evaluation_runs(pipeline, shapes_data, tmp_path, kind):
     """``python -m evaluation`` on the exported file (ONNX Runtime) and on the checkpoint (PyTorch)."""

@@ -54,6 +54,9 @@ from tests.deployment import (
 )
 from tests.helpers import free_port, iou
 
+# Every test here builds or runs the image with a real Docker engine.
+pytestmark = pytest.mark.docker
+
 DOCKERD = binary("dockerd")
 # The client of Debian's docker.io, which builds with BuildKit by itself (a newer client needs the buildx
 # plugin for that). BuildKit builds only the stages the target needs: the legacy builder would also
@@ -483,7 +486,7 @@ def test_segment_matches_native_service(fleet: Fleet):
     from fastapi.testclient import TestClient
 
     from service.app import create_app
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     images = [shapes_png(i) for i in range(2)]
     with http_client() as c:

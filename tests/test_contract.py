@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +15,34 @@ from torchvision.models.detection import transform
 
 from contract import GraphMetadata, MetadataError, pad_batch, padded_size, resize_boxes, resized_size
 
+SERVICE_CORE = ("service.core.runtime", "service.core.batcher", "service.core.pipeline", "service.core.postprocess",
+                "service.core.images", "service.core.options", "service.core.errors", "service.core.metrics",
+                "service.core.settings")
+WEB_FRAMEWORKS = ("fastapi", "starlette")
+
 
 @pytest.mark.parametrize(
-    ("module", "absent"),
-    [("contract", ("torch", "onnxruntime", "cv2")), ("model.data.coco", ("onnxruntime", "cv2", "service"))],
+    ("modules", "absent"),
+    [
+        (("contract",), ("torch", "onnxruntime", "cv2")),
+        (("model.data.coco",), ("onnxruntime", "cv2", "service")),
+        (SERVICE_CORE, ("torch", *WEB_FRAMEWORKS)),
+        (("service.app", "service.client", "service.__main__"), ("torch",)),
+    ],
 )
-def test_the_import_graph_keeps_its_layers(module: str, absent: tuple[str, ...]) -> None:
-    """The contract sits at the bottom (torch-free), and the training data loader pulls in neither the
-    service nor its runtime: checked in a fresh interpreter, where nothing else has imported them yet."""
-    code = f"import sys, {module}; print(' '.join(m for m in {absent!r} if m in sys.modules))"
+def test_the_import_graph_keeps_its_layers(modules: tuple[str, ...], absent: tuple[str, ...]) -> None:
+    """The contract sits at the bottom (torch-free); the training data loader pulls in neither the service
+    nor its runtime; the service's inference core knows no web framework, and nothing in the service loads
+    torch. Checked in a fresh interpreter, where nothing else has imported them yet."""
+    code = f"import sys, {', '.join(modules)}; print(' '.join(m for m in {absent!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert loaded == []
+
+
+def test_every_service_module_is_in_a_layer_test() -> None:
+    """A new module of the core is checked by the test above (SERVICE_CORE lists them all)."""
+    core = Path(__file__).resolve().parent.parent / "service" / "core"
+    assert {f"service.core.{p.stem}" for p in core.glob("*.py") if p.stem != "__init__"} == set(SERVICE_CORE)
 
 
 @pytest.mark.parametrize("size", [(480, 640), (640, 480), (800, 1333), (333, 2000), (1000, 1000), (50, 71), (7, 3000)])

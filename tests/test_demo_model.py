@@ -12,13 +12,14 @@ from PIL import Image
 from evaluation.evaluate import evaluate_checkpoint
 from model.data.shapes import VALIDATION_SEED, generate, write_coco
 from service.app import create_app
-from service.runtime import OnnxModel
-from service.settings import DEFAULT_MODEL_PATH, Settings
+from service.core.runtime import OnnxModel
+from service.core.settings import DEFAULT_MODEL_PATH, Settings
 
 DEMO_MODEL = DEFAULT_MODEL_PATH  # models/demo/model.onnx
 DEMO_INT8 = DEMO_MODEL.with_name("model.int8.onnx")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [DEMO_MODEL, DEMO_INT8], ids=["float32", "int8"])
 def test_demo_model_segments_fresh_images(path: Path, tmp_path: Path) -> None:
     """Mask AP50 >= 0.9 on 50 held-out images, evaluated with pycocotools' COCOeval."""

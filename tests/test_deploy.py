@@ -266,6 +266,7 @@ def _promql(expr: str) -> str:
     return expr
 
 
+@pytest.mark.docker
 @needs_compose
 def test_compose_config_accepted(tmp_path):
     env = clean_env()
@@ -320,8 +321,8 @@ def test_dashboard_json_uses_provisioned_datasource():
 
 
 def test_dashboard_metrics_exist_in_the_service():
-    """Every metric the dashboard queries is one the service registers (service/metrics.py)."""
-    from service.metrics import Metrics
+    """Every metric the dashboard queries is one the service registers (service/core/metrics.py)."""
+    from service.core.metrics import Metrics
 
     families = {f.name for f in Metrics().registry.collect()}
     suffixes = ("", "_total", "_bucket", "_sum", "_count", "_info")
@@ -375,8 +376,8 @@ def test_nginx_config_policy():
     retry = _nginx_directive(conf, "proxy_next_upstream")[0].split()
     assert {"error", "timeout", "http_502", "http_503", "non_idempotent"} <= set(retry)
     assert int(_nginx_directive(conf, "proxy_next_upstream_tries")[0]) >= 2
-    # The service's own defaults (service/settings.py): body limit equal, timeouts just above its deadline.
-    from service.settings import Settings
+    # The service's own defaults (service/core/settings.py): body limit equal, timeouts just above its deadline.
+    from service.core.settings import Settings
 
     defaults = {name: f.default for name, f in Settings.model_fields.items()}
     assert _bytes(_nginx_directive(conf, "client_max_body_size")[0]) == defaults["max_upload_bytes"]
@@ -429,7 +430,7 @@ def test_dockerfile_runtime_stage():
 
 def test_k8s_probes_and_grace_period_cover_the_drain():
     """Liveness on /healthz, readiness on /readyz; the grace period outlasts preStop + the drain."""
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     text = (ROOT / "k8s" / "deployment.yaml").read_text()
     probes = dict(re.findall(r"^\s*(\w+Probe):\s*\n\s*httpGet:\s*\n\s*path:\s*(\S+)", text, flags=re.M))
@@ -454,6 +455,7 @@ def test_k8s_probes_and_grace_period_cover_the_drain():
 # processes: topology, failover, monitoring
 
 
+@pytest.mark.slow
 @needs_nginx
 def test_lb_spreads_requests_over_both_replicas(replicas, lb):
     before = [r.served() for r in replicas]
@@ -468,10 +470,11 @@ def test_lb_spreads_requests_over_both_replicas(replicas, lb):
         assert c.get(lb.url + "/readyz").status_code == 200
 
 
+@pytest.mark.slow
 @needs_nginx
 def test_lb_body_limit_matches_the_service(replicas, lb):
     """A body at the service's limit reaches a replica; one byte more is refused by nginx, as JSON."""
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     limit = Settings.model_fields["max_upload_bytes"].default
     headers = {"content-type": "image/jpeg"}
@@ -485,6 +488,7 @@ def test_lb_body_limit_matches_the_service(replicas, lb):
     assert over.json()["error"]["code"] == "payload_too_large"  # nginx's answer, in the service's format
 
 
+@pytest.mark.slow
 @needs_nginx
 def test_failover_when_a_replica_is_killed(replicas, spare_replica):
     survivor, victim = replicas[0], spare_replica
@@ -554,6 +558,7 @@ class _Probe(threading.Thread):
             self.client.close()
 
 
+@pytest.mark.slow
 @needs_nginx
 def test_sigterm_drains_without_client_errors(replicas, spare_replica):
     survivor, victim = replicas[0], spare_replica
@@ -606,6 +611,7 @@ def _send_errors(base_url: str) -> list[int]:
     return [undecodable.status_code, unsupported.status_code]
 
 
+@pytest.mark.slow
 @needs_nginx
 @needs_prometheus
 def test_prometheus_scrapes_replicas_and_dashboard_queries_return_data(replicas, lb, prometheus):

@@ -32,6 +32,7 @@ def errors_are_json(ctx: Any, response: Any, case: Any) -> None:
     assert isinstance(body, dict) and body.get("error"), f"{response.status_code} without a JSON error: {body}"
 
 
+@pytest.mark.slow
 def test_every_route_answers_fuzzed_requests(api_schema: Any, server: ServerThread) -> None:
     """Requests that follow the schema and requests that break it (schemathesis' positive and negative
     modes), for every operation; those of /v2/models/{name}... half with the served model's name and

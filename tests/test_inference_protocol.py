@@ -1,4 +1,4 @@
-"""The Open Inference Protocol codec on its own (service/inference_protocol.py): the binary tensor layout,
+"""The Open Inference Protocol codec on its own (service/oip/codec.py): the binary tensor layout,
 requests as tritonclient builds them, responses as tritonclient reads them, and the 400s."""
 
 from __future__ import annotations
@@ -8,16 +8,18 @@ import json
 import numpy as np
 import pytest
 
-from service.errors import ApiError
-from service.inference_protocol import (
+from service.core import errors
+from service.core.errors import BadRequest
+from service.oip.codec import (
     Output,
     TensorSpec,
     deserialize_bytes,
     encode_response,
-    error_status,
     parse_request,
     serialize_bytes,
 )
+from service.oip.errors import status_of
+from service.web.doors import HttpError
 
 httpclient = pytest.importorskip("tritonclient.http")
 triton_utils = pytest.importorskip("tritonclient.utils")
@@ -33,9 +35,8 @@ def test_bytes_elements_are_little_endian_length_prefixed() -> None:
     assert layout == triton_utils.serialize_byte_tensor(np.array(items, dtype=object)).item()
     assert deserialize_bytes(layout) == items
     for cut in (1, 3, 7, len(layout) - 1):  # inside a length, inside an element
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(BadRequest, match="ends inside"):
             deserialize_bytes(layout[:cut])
-        assert err.value.status == 400 and "ends inside" in err.value.message
 
 
 def _client_request(inputs: list, outputs: list | None = None, **kw: object) -> tuple[bytes, int | None]:
@@ -134,11 +135,13 @@ def _pixels(data: object, shape: list[int] | None = None, datatype: str = "UINT8
 def test_bad_requests_are_400s_naming_the_problem(body: bytes, header: object, message: str) -> None:
     if header == "header":  # the JSON part is everything up to the first extra byte
         header = body.index(b"}]}") + 3
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(BadRequest) as err:
         parse_request(body, header, SPECS)
-    assert err.value.status == 400 and message in err.value.message, err.value.message
+    assert message in err.value.message, err.value.message
 
 
 def test_error_statuses_are_tritons() -> None:
-    assert [error_status(s) for s in (400, 404, 413, 415, 422, 500, 503, 504)] == [400, 404, 400, 400, 400, 500,
-                                                                                   503, 503]
+    kinds = (errors.BadRequest, errors.NotFound, errors.TooLarge, errors.UnsupportedMediaType, errors.InvalidOption,
+             errors.InternalError, errors.Unavailable, errors.DeadlineExceeded)
+    assert [status_of(kind("code", "message")) for kind in kinds] == [400, 404, 400, 400, 400, 500, 503, 503]
+    assert status_of(HttpError(405, "method_not_allowed", "no")) == 400

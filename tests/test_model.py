@@ -39,6 +39,7 @@ def test_padding_does_not_change_detections(arch, size):
     assert (alone["masks"][0, :n] - together["masks"][1, :n]).abs().max() <= 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_float64_runs_and_agrees_with_float32(arch):
     """The exporter measures float32's noise against the model in float64, so nothing in it may assume
@@ -80,6 +81,7 @@ LOSS_DROP = {"r18_fpn": 0.5, "r50_c4": 0.7, "x101_fpn": 0.7}
 SLIM_TRAINING = {"box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 200}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_short_training_lowers_the_loss(arch):
     """24 steps on two scenes lower the loss; every parameter gets a gradient (the C4 mask branch reads

@@ -23,7 +23,7 @@ import pytest
 
 from service.client import SegmentClient
 from service.overlay import HIGHLIGHT_ALPHA, MASK_ALPHA, blend_masks, class_colour, draw
-from service.page import STATIC_DIR
+from service.page.routes import STATIC_DIR
 from tests.conftest import DEMO_MAX_UPLOAD, KnownImage
 from tests.helpers import assert_found, assert_overlay, drawing_zones
 
@@ -133,10 +133,11 @@ def test_page_files_are_served_outside_the_api_and_its_metrics(demo_server) -> N
     paths = json.loads(get(f"{demo_server.url}/openapi.json")[2])["paths"]
     assert not {"/", "/page.json"} & set(paths) and not any(p.startswith("/static") for p in paths)
     assert segment_requests(demo_server) == before
-    # pyproject.toml ships service/static/* in the package (no subfolders, which that pattern would miss)
+    # pyproject.toml ships service/page/static/* in the package (no subfolders, which that pattern would miss)
     assert all(p.is_file() for p in STATIC_DIR.iterdir())
 
 
+@pytest.mark.browser
 def test_rle_decoder_keeps_holes(page) -> None:
     """The page's COCO RLE decoder and rasterizer against pycocotools' encoder: a ring (a hole), separate
     parts, the first and the last pixel, and counts long enough for several 5-bit groups and negative
@@ -156,6 +157,7 @@ def test_rle_decoder_keeps_holes(page) -> None:
     assert console_errors(page) == []
 
 
+@pytest.mark.browser
 def test_upload_draws_masks_filters_and_highlights(
     page, demo_server, shapes_image: KnownImage, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -220,6 +222,7 @@ def test_upload_draws_masks_filters_and_highlights(
     assert console_errors(page) == []
 
 
+@pytest.mark.browser
 def test_oversized_file_shows_the_servers_413_message(page, tmp_path: Path) -> None:
     big = tmp_path / "big.png"
     big.write_bytes(np.random.default_rng(0).bytes(DEMO_MAX_UPLOAD + 1))

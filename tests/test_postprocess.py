@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from service.postprocess import encode_masks, paste_local, rle_counts, rle_runs, rle_strings
+from service.core.postprocess import encode_masks, paste_local, rle_counts, rle_runs, rle_strings
 from tests.helpers import fill_holes, iou
 
 torch = pytest.importorskip("torch")

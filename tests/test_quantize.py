@@ -12,11 +12,12 @@ import pytest
 
 from contract import OUTPUT_NAMES, GraphMetadata
 from export.exporter import load_weights_fp32, sample_batch
-from export.quantize import FAMILIES, GEOMETRY, RECIPES, WEIGHTED_OPS, masks_as_multiplies, node_families
-from export.quantize import main as quantize_main
+from export.quantize.__main__ import main as quantize_main
+from export.quantize.recipes import FAMILIES, GEOMETRY, RECIPES, WEIGHTED_OPS, node_families
+from export.quantize.rewrites import masks_as_multiplies, upsampling_as_conv
 from model.data.shapes import CALIBRATION_SEED, write_coco
-from service.runtime import OnnxModel
-from service.settings import DEFAULT_MODEL_PATH
+from service.core.runtime import OnnxModel
+from service.core.settings import DEFAULT_MODEL_PATH
 
 CALIBRATION = 3
 VERIFY = 2
@@ -87,6 +88,24 @@ def test_masks_as_multiplies_changes_no_output_on_a_padded_batch(tiny_onnx_model
     np.testing.assert_allclose(before["scores"], after["scores"], atol=1e-5)
 
 
+def test_upsampling_as_conv_changes_no_output(tiny_onnx_model: Path) -> None:
+    """The mask predictor's 2x2 stride-2 ConvTranspose (and its ReLU) rewritten as a 1x1 convolution, ReLU and
+    DepthToSpace: no ConvTranspose is left and the masks, the only output it feeds, are the same to float
+    rounding; the other outputs are untouched."""
+    original = float_graph(tiny_onnx_model)
+    rewritten = float_graph(tiny_onnx_model)
+    convs = upsampling_as_conv(rewritten)
+    onnx.checker.check_model(rewritten)
+    ops = [node.op_type for node in rewritten.graph.node]
+    assert len(convs) == 1 and "ConvTranspose" not in ops and "DepthToSpace" in ops
+    images, sizes = (t.numpy() for t in sample_batch([(320, 416), (224, 288)], seed=5))
+    before, after = run(original, images, sizes), run(rewritten, images, sizes)
+    assert (before["num_detections"] > 0).all()
+    for name in ("boxes", "scores", "labels", "num_detections"):
+        np.testing.assert_array_equal(before[name], after[name])
+    np.testing.assert_allclose(before["masks"], after["masks"], atol=1e-5)
+
+
 def test_cli_writes_a_servable_int8_graph_with_its_metadata(tiny_onnx_model: Path, quantized: Path) -> None:
     graph_model = onnx.load(str(quantized))
     ops = {node.op_type for node in graph_model.graph.node}
@@ -108,6 +127,7 @@ def test_cli_writes_a_servable_int8_graph_with_its_metadata(tiny_onnx_model: Pat
     assert preds[0].masks.shape[1:] == (28, 28) and len(preds[0].boxes) > 0
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_graph_below_the_bar_and_leaves_no_file(
     tiny_onnx_model: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -159,6 +179,7 @@ def shapes_images(tmp_path_factory) -> Path:
     return write_coco(folder, num=DEMO_CALIBRATION + DEMO_VERIFY, seed=CALIBRATION_SEED).parent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("recipe", "passes"), [("backbone+heads", True), ("every-conv", False)])
 def test_the_documented_bar_on_the_trained_demo_model(
     recipe: str, passes: bool, shapes_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture

@@ -57,6 +57,7 @@ def test_gradients_match_torchvision(aligned):
     assert (ours_in.grad - ref_in.grad).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aligned", [True, False])
 def test_gradcheck_float64(aligned):
     torch.manual_seed(3)

@@ -24,8 +24,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
 
-from service.images import decode_image
-from service.runtime import OnnxModel, Prediction
+from service.core.images import decode_image
+from service.core.runtime import OnnxModel, Prediction
 from tests.helpers import (
     MAX_PIXELS,
     MAX_UPLOAD,

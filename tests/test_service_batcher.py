@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.batcher import Draining, DynamicBatcher, QueueFull
+from service.core.batcher import Draining, DynamicBatcher, QueueFull
 
 
 class Recorder:

@@ -77,6 +77,7 @@ def test_state_dict_loads_strictly(models):
     assert set(ours.state_dict()) == {k for k in tv.state_dict() if not k.endswith("num_batches_tracked")}
 
 
+@pytest.mark.slow
 def test_one_image(models):
     tv, ours = models
     image = _image(*SIZES[0], seed=1)
@@ -86,6 +87,7 @@ def test_one_image(models):
     _assert_same(result, 0, ref, SIZES[0])
 
 
+@pytest.mark.slow
 def test_batch_of_three_sizes(models):
     tv, ours = models
     images = [_image(h, w, seed=10 + i) for i, (h, w) in enumerate(SIZES)]
@@ -121,6 +123,7 @@ def _pairs(ours: dict, ref: dict[str, np.ndarray]) -> tuple[np.ndarray, float, f
     return pairs, box_err, score_err, iou
 
 
+@pytest.mark.slow
 def test_p6_anchors_of_an_800_px_image_are_torchvisions(coco_sized, monkeypatch):
     """A 480 x 640 image resized to 800 x 1066 as torchvision's transform resizes it: padded to 800 x 1088,
     its P6 map has 13 rows and torchvision's P6 anchors are 800 // 13 = 61 px apart. Our detections are

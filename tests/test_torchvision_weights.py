@@ -50,6 +50,7 @@ def v2_export(tmp_path_factory) -> tuple[torch.nn.Module, Path, list[str]]:
     return tv, out, get_weight(V2).meta["categories"]
 
 
+@pytest.mark.slow
 def test_architecture_and_class_names_come_from_the_weights(v2_export):
     _, out, categories = v2_export
     meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
@@ -59,6 +60,7 @@ def test_architecture_and_class_names_come_from_the_weights(v2_export):
     assert meta["verification"] == "float32 noise x4"
 
 
+@pytest.mark.slow
 def test_every_batch_norm_is_folded(v2_export):
     _, out, _ = v2_export
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
@@ -67,6 +69,7 @@ def test_every_batch_norm_is_folded(v2_export):
     assert ops.count("Conv") >= 74 and {"RoiAlign", "NonMaxSuppression"} <= set(ops)
 
 
+@pytest.mark.slow
 def test_the_graph_gives_torchvisions_detections(v2_export):
     """ONNX Runtime's detections are torchvision's v2 model's on an image its transform leaves as it is: all
     paired, as close to the exact (float64) answer as float32's noise allows (torchvision being the float32

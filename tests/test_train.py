@@ -73,6 +73,7 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         parse_args(["--config", str(path)])
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     """Two steps straight through == one step, stop, resume, one more step: same step count, optimizer
     state, scheduler and weights."""

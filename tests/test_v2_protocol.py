@@ -1,4 +1,4 @@
-"""The Open Inference Protocol v2 front door (service/v2_routes.py) with the real client, tritonclient's
+"""The Open Inference Protocol v2 front door (service/oip/) with the real client, tritonclient's
 HTTP client, against the real server on loopback (tests/conftest.py's ``server``, the tiny model): health,
 metadata and configuration, infer in binary and in JSON, IMAGE and PIXELS, chosen outputs and parameters,
 concurrent requests batched, the same answers as /segment, errors in the client's own exception, and the
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from service.runtime import OnnxModel
+from service.core.runtime import OnnxModel
 from tests.helpers import MAX_UPLOAD, TIMEOUT, ServerThread, encode, metric_values, sample, scene
 
 httpclient = pytest.importorskip("tritonclient.http")

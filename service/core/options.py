@@ -10,16 +10,15 @@ giving the ``Resolved`` options the pipeline works with.
 from __future__ import annotations
 
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, field_validator
-from starlette.datastructures import MultiDict
 
 from contract import GraphMetadata
-from service.errors import ApiError
+from service.core.errors import InvalidOption
 
 Format = Literal["rle", "polygons"]
 FORMATS: tuple[Format, ...] = typing.get_args(Format)
@@ -50,21 +49,22 @@ class SegmentOptions(BaseModel):
 
     @classmethod
     def validated(cls, values: dict[str, object]) -> SegmentOptions:
-        """Validate ``values``; the first problem is a 422 naming the option."""
+        """Validate ``values``; the first problem is an InvalidOption naming it."""
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise ApiError(422, "invalid_option", f"{where}: {first['msg']}") from None
+            raise InvalidOption("invalid_option", f"{where}: {first['msg']}") from None
 
-    def with_form(self, fields: MultiDict) -> SegmentOptions:
-        """These options overridden by the multipart form's fields of the same names."""
+    def with_form(self, fields: Mapping[str, Sequence[str]]) -> SegmentOptions:
+        """These options overridden by the multipart form's fields of the same names (each name's values in
+        order; a single-valued option takes the last, as a form read into a dict would)."""
         given: dict[str, object] = {}
         for name, info in type(self).model_fields.items():
-            if name in fields:
+            if fields.get(name):
                 is_list = list in (typing.get_origin(a) for a in typing.get_args(info.annotation))
-                given[name] = fields.getlist(name) if is_list else fields[name]
+                given[name] = list(fields[name]) if is_list else fields[name][-1]
         return self.overridden(given)
 
     def overridden(self, given: Mapping[str, object]) -> SegmentOptions:
@@ -86,16 +86,16 @@ class Resolved:
 
 
 def resolve(options: SegmentOptions, default_threshold: float, info: GraphMetadata) -> Resolved:
-    """Defaults and the checks that need the model: 422 on a limit above the model's or an unknown class."""
+    """Defaults and the checks that need the model: InvalidOption on a limit above the model's or an unknown class."""
     limit = info.detections_per_image
     if options.max_detections is not None and options.max_detections > limit:
-        raise ApiError(422, "invalid_option", f"max_detections: at most {limit} for this model")
+        raise InvalidOption("invalid_option", f"max_detections: at most {limit} for this model")
     labels = None
     if options.classes is not None:
         known = info.class_names[1:]
         unknown = sorted(set(options.classes) - set(known))
         if unknown:
-            raise ApiError(422, "invalid_option", f"classes: unknown {unknown}; see GET /v1/model")
+            raise InvalidOption("invalid_option", f"classes: unknown {unknown}; see GET /v1/model")
         labels = np.array([info.class_names.index(c) for c in options.classes], dtype=np.int64)
     formats = set(options.formats or FORMATS)
     return Resolved(

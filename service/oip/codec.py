@@ -1,7 +1,7 @@
 """The Open Inference Protocol v2 (KServe's predict protocol v2, which Triton, KServe and MLServer speak),
 REST, with Triton's binary tensor data extension: a request body into named tensors, named arrays into a
 response body, the protocol's documents and its error body. Nothing here knows our model: the tensors it
-takes and gives are declared, and served, by service/v2_routes.py.
+takes and gives are declared by service/oip/model.py and served by service/oip/routes.py.
 
 Binary tensor data: the body is a JSON header of ``Inference-Header-Content-Length`` bytes followed by the
 raw data of the inputs that give a ``binary_data_size`` parameter, in the order they are listed. A response
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.errors import ApiError
+from service.core.errors import BadRequest
 
 # Each datatype's numpy type and its name in Triton's model configuration (model_config.proto).
 DATATYPES: dict[str, tuple[np.dtype, str]] = {
@@ -50,8 +50,8 @@ RESERVED_PREFIX = "triton_"
 LENGTH = struct.Struct("<I")
 
 
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, "bad_request", message)
+def bad_request(message: str) -> BadRequest:
+    return BadRequest("bad_request", message)
 
 
 # ---- the protocol's documents (pydantic: validation of requests, and the OpenAPI schema) -------------
@@ -137,7 +137,9 @@ class ModelReady(BaseModel):
     ready: bool
 
 
-class ErrorResponse(BaseModel):
+class ProtocolErrorResponse(BaseModel):
+    """The protocol's error body (named apart from /segment's ErrorResponse, whose body differs)."""
+
     error: str
 
 
@@ -153,7 +155,8 @@ def request_schema() -> dict[str, Any]:
             return {k: inline(v) for k, v in node.items()}
         return [inline(v) for v in node] if isinstance(node, list) else node
 
-    return inline(schema)
+    inlined: dict[str, Any] = inline(schema)
+    return inlined
 
 
 # ---- tensors -------------------------------------------------------------------------------------------
@@ -221,7 +224,7 @@ def serialize_bytes(items: Iterable[bytes]) -> bytes:
 
 
 def deserialize_bytes(buffer: bytes | memoryview) -> list[bytes]:
-    """The elements of a BYTES tensor's binary data; a truncated element is a 400."""
+    """The elements of a BYTES tensor's binary data; a truncated element is a BadRequest."""
     view, items, offset = memoryview(buffer), [], 0
     while offset < len(view):
         if offset + LENGTH.size > len(view):
@@ -280,7 +283,7 @@ def _from_json(spec: TensorSpec, shape: list[int], data: list[Any]) -> np.ndarra
 def parse_request(body: bytes, header_length: int | None, inputs: Sequence[TensorSpec]) -> ParsedRequest:
     """An infer request body: JSON alone (``header_length`` None) or a JSON header of ``header_length``
     bytes and binary data. Inputs are checked against ``inputs`` (name, datatype, shape); any problem
-    is a 400 naming it."""
+    is a BadRequest naming it."""
     view = memoryview(body)
     if header_length is None:
         header_length = len(view)
@@ -365,10 +368,3 @@ def _binary(out: Output) -> bytes:
         return serialize_bytes(v.encode() if isinstance(v, str) else v for v in out.values.flat)
     return np.ascontiguousarray(out.values, dtype=DATATYPES[out.spec.datatype][0]).tobytes()
 
-
-def error_status(status: int) -> int:
-    """Our status as Triton answers it: 404 unknown model, 503 unavailable (overloaded, draining, past
-    its deadline: Triton's UNAVAILABLE), 500 internal, and 400 for everything the request got wrong."""
-    if status in (404, 500, 503):
-        return status
-    return 503 if status == 504 else 400

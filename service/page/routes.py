@@ -1,5 +1,5 @@
-"""The web page: ``GET /`` (service/static/index.html), its files under ``/static/`` and its settings at
-``GET /page.json``.
+"""The web page: ``GET /`` (service/page/static/index.html), its files under ``/static/`` and its settings at
+``GET /page.json``. Not a protocol: its only errors (a missing static file) are the server's own.
 
 The page is plain HTML, CSS and JavaScript served by the service itself: no CDN, no build step, and a
 Content-Security-Policy that lets it load nothing from anywhere else (the machines that run this have
@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from service.core.pipeline import Pipeline
 from service.overlay import style
-from service.pipeline import Pipeline
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Scripts, styles and fetches from this origin only; images also from the blob: URLs of local files.
@@ -31,7 +31,7 @@ def add_page(app: FastAPI, pipeline: Pipeline) -> None:
         return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
 
     @app.get("/page.json", include_in_schema=False)
-    async def page_settings() -> dict:
+    async def page_settings() -> dict[str, object]:
         """The request threshold (the model's own, so the slider can go down to it without asking
         again), the slider's first position (the server's default threshold) and the drawing style."""
         return {

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import ApiError
+from service.core.errors import BadRequest, TooLarge, UnsupportedMediaType
 
 DISCARD_BYTES = 64 * 1024 * 1024
 DISCARD_TIMEOUT_S = 10.0
@@ -27,8 +27,8 @@ DISCARD_TIMEOUT_S = 10.0
 INFLATE_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-def too_large(message: str) -> ApiError:
-    return ApiError(413, "payload_too_large", message)
+def too_large(message: str) -> TooLarge:
+    return TooLarge("payload_too_large", message)
 
 
 async def check_declared_length(request: Request, limit: int) -> None:
@@ -40,7 +40,7 @@ async def check_declared_length(request: Request, limit: int) -> None:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes (also for chunked uploads)."""
+    """The body, refused (TooLarge) as soon as it passes ``limit`` bytes (also for chunked uploads)."""
     chunks, size = [], 0
     stream = request.stream()
     async for chunk in stream:
@@ -64,26 +64,26 @@ async def _discard(stream: AsyncIterator[bytes]) -> None:
 
 
 def content_encoding(request: Request) -> str:
-    """The body's Content-Encoding, lower-case; refused with 415 unless it is one we inflate."""
+    """The body's Content-Encoding, lower-case; refused (UnsupportedMediaType) unless it is one we inflate."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", "", *INFLATE_WBITS):
-        raise ApiError(415, "unsupported_content_encoding",
+        raise UnsupportedMediaType("unsupported_content_encoding",
                        f"unsupported Content-Encoding {encoding!r}; send gzip, deflate or an uncompressed body")
     return encoding
 
 
 def inflate(data: bytes, encoding: str, limit: int) -> bytes:
     """Worker thread: the body decompressed per its ``encoding`` (see ``content_encoding``), at most
-    ``limit`` bytes (413 beyond); a truncated or corrupt stream is a 400."""
+    ``limit`` bytes (TooLarge beyond); a truncated or corrupt stream is a BadRequest."""
     if encoding not in INFLATE_WBITS:
         return data
     inflater = zlib.decompressobj(INFLATE_WBITS[encoding])
     try:
         out = inflater.decompress(data, limit + 1)
     except zlib.error as exc:
-        raise ApiError(400, "bad_content_encoding", f"the {encoding} body cannot be decompressed ({exc})") from None
+        raise BadRequest("bad_content_encoding", f"the {encoding} body cannot be decompressed ({exc})") from None
     if len(out) > limit:
         raise too_large(f"the body is larger than {limit} bytes once decompressed")
     if not inflater.eof:
-        raise ApiError(400, "bad_content_encoding", f"the {encoding} body is truncated")
+        raise BadRequest("bad_content_encoding", f"the {encoding} body is truncated")
     return out

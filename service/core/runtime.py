@@ -56,7 +56,7 @@ class Resized:
         return int(self.chw.shape[1]), int(self.chw.shape[2])
 
 
-def resize_image(image: np.ndarray, min_size: int, max_size: int) -> Resized:
+def resize_by_policy(image: np.ndarray, min_size: int, max_size: int) -> Resized:
     """An RGB uint8 [H, W, 3] image resized by the contract's policy (bilinear, OpenCV) to CHW."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected uint8 [H, W, 3] RGB, got {image.dtype} {image.shape}")
@@ -151,7 +151,7 @@ class OnnxModel:
 
     def resize(self, image: np.ndarray) -> Resized:
         """Resize an RGB uint8 [H, W, 3] image by the model's policy (bilinear) to CHW."""
-        return resize_image(image, self.metadata.min_size, self.metadata.max_size)
+        return resize_by_policy(image, self.metadata.min_size, self.metadata.max_size)
 
     def collate(self, items: Sequence[Resized]) -> tuple[np.ndarray, np.ndarray]:
         """The graph's ``images`` and ``image_sizes`` for resized images (the contract's padding)."""

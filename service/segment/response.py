@@ -1,37 +1,19 @@
-"""From one image's Prediction to the /segment response, in three steps: filter (the request's classes
-and count), encode (box-local masks to RLE and polygons) and serialize (JSON, timed inside total_ms)."""
+"""/segment's response body: one image's selected detections and their encoded masks as JSON, the JSON
+encoding timed inside ``total_ms``."""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 
 import numpy as np
 
 from contract import GraphMetadata
-from service.options import Resolved
-from service.postprocess import EncodedMasks, encode_masks
-from service.runtime import Prediction
+from service.core.postprocess import EncodedMasks
+from service.core.runtime import Prediction
 
 
-def filter_detections(pred: Prediction, options: Resolved) -> Prediction:
-    """The detections the request asked for: of its classes, at most its count, best first."""
-    keep = np.arange(len(pred.scores))
-    if options.labels is not None:
-        keep = keep[np.isin(pred.labels, options.labels)]
-    if options.max_detections is not None:
-        keep = keep[: options.max_detections]
-    return replace(pred, boxes=pred.boxes[keep], scores=pred.scores[keep], labels=pred.labels[keep],
-                   masks=pred.masks[keep])
-
-
-def encode_detections(pred: Prediction, options: Resolved) -> EncodedMasks:
-    """Masks pasted box-locally into the original image and encoded as the request asked."""
-    return encode_masks(pred.masks, pred.boxes, pred.image_size, rle=options.rle, polygons=options.polygons)
-
-
-def detection_dicts(pred: Prediction, encoded: EncodedMasks, class_names: list[str]) -> list[dict]:
+def detection_dicts(pred: Prediction, encoded: EncodedMasks, class_names: list[str]) -> list[dict[str, object]]:
     """One JSON-ready dict per detection (schemas.Detection); absent formats are left out."""
     boxes = np.round(pred.boxes.astype(np.float64), 2).tolist()
     rows = zip(pred.labels.tolist(), pred.scores.tolist(), boxes, encoded.areas.tolist(), strict=True)
@@ -46,7 +28,7 @@ def detection_dicts(pred: Prediction, encoded: EncodedMasks, class_names: list[s
     return dets
 
 
-def serialize(
+def response_body(
     pred: Prediction, encoded: EncodedMasks, info: GraphMetadata, batch_size: int, timings: dict[str, float],
     started: float,
 ) -> bytes:

@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "demo" / "model.onnx"
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "demo" / "model.onnx"
 
 
 class Settings(BaseSettings):

@@ -1,7 +1,8 @@
 """Image decoding for the service: bytes -> RGB uint8 [H, W, 3], with limits checked before decoding.
 
 Pillow reads only the header in ``Image.open``; the format and the pixel count are checked there, so
-a decompression bomb or an unsupported format costs nothing. Errors carry the HTTP status they map to.
+a decompression bomb or an unsupported format costs nothing. Errors say what is wrong (service/core/errors.py):
+BadRequest undecodable or empty, TooLarge too many pixels, UnsupportedMediaType.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import ApiError
+from service.core.errors import BadRequest, TooLarge, UnsupportedMediaType
 
 # Pillow format names we accept (MPO is a multi-picture JPEG, as phone cameras write).
 SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "TIFF"}
@@ -30,10 +31,6 @@ SUPPORTED_TYPES = {
 }
 
 
-class ImageError(ApiError):
-    """A request image problem: 400 undecodable or empty, 413 too many pixels, 415 unsupported type."""
-
-
 def check_content_type(content_type: str | None) -> None:
     """Refuse declared non-image types early (415); a missing or generic type is sniffed instead."""
     if not content_type:
@@ -42,7 +39,7 @@ def check_content_type(content_type: str | None) -> None:
     if ctype in ("application/octet-stream", "image/*"):
         return
     if ctype not in SUPPORTED_TYPES:
-        raise ImageError(415, "unsupported_media_type", f"unsupported content type {ctype!r}; "
+        raise UnsupportedMediaType("unsupported_media_type", f"unsupported content type {ctype!r}; "
                          "send JPEG, PNG, WebP, BMP or TIFF")
 
 
@@ -68,34 +65,33 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 def check_size(width: int, height: int, max_pixels: int) -> None:
     """The limits on an image's size, for encoded files (read from the header) and raw pixels alike."""
     if width * height > max_pixels:
-        raise ImageError(413, "image_too_large",
+        raise TooLarge("image_too_large",
                          f"the image has {width}x{height} pixels, more than the limit of {max_pixels}")
     if width == 0 or height == 0:
-        raise ImageError(400, "empty_image", "the image has no pixels")
+        raise BadRequest("empty_image", "the image has no pixels")
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode JPEG/PNG/WebP/BMP/TIFF (first frame) to RGB uint8 [H, W, 3], EXIF orientation applied."""
     if not data:
-        raise ImageError(400, "empty_image", "the image is empty")
+        raise BadRequest("empty_image", "the image is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(413, "image_too_large", "the image has too many pixels") from None
+        raise TooLarge("image_too_large", "the image has too many pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise ImageError(400, "undecodable_image", "the data is not a decodable image") from None
+        raise BadRequest("undecodable_image", "the data is not a decodable image") from None
     if im.format not in SUPPORTED_FORMATS:
-        raise ImageError(415, "unsupported_media_type", f"unsupported image format {im.format}; "
+        raise UnsupportedMediaType("unsupported_media_type", f"unsupported image format {im.format}; "
                          "send JPEG, PNG, WebP, BMP or TIFF")
     check_size(*im.size, max_pixels)
     try:
         im.seek(0)
         im.load()
-        im = ImageOps.exif_transpose(im) or im
-        rgb = _to_rgb(im)
+        rgb = _to_rgb(ImageOps.exif_transpose(im) or im)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError(400, "undecodable_image", f"the image could not be decoded ({exc})") from None
+        raise BadRequest("undecodable_image", f"the image could not be decoded ({exc})") from None
     return np.ascontiguousarray(rgb)
 

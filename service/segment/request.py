@@ -8,14 +8,13 @@ import base64
 import json
 from typing import Any
 
-from starlette.datastructures import MultiDict
 from starlette.requests import Request
 
-from service.body import inflate
-from service.errors import ApiError
-from service.images import check_content_type
-from service.multipart import MultipartError, parse_multipart
-from service.options import SegmentOptions
+from service.core.errors import BadRequest, UnsupportedMediaType
+from service.core.images import check_content_type
+from service.core.options import SegmentOptions
+from service.segment.multipart import MultipartError, parse_multipart
+from service.web.body import inflate
 
 SEGMENT_OPTIONS = SegmentOptions.model_json_schema()["properties"]
 # The request body's schema: the image as a multipart file (with the options as form fields), as a JSON
@@ -49,10 +48,10 @@ SEGMENT_BODY = {
 
 
 def check_segment_type(request: Request) -> None:
-    """Refuse before reading a raw body without a supported image type (415)."""
+    """Refuse before reading a raw body without a supported image type (UnsupportedMediaType)."""
     content_type = request.headers.get("content-type", "")
     if not content_type:
-        raise ApiError(415, "unsupported_media_type", "send the image as multipart field 'image', as a JSON "
+        raise UnsupportedMediaType("unsupported_media_type", "send the image as multipart field 'image', as a JSON "
                        "object with the base64 image in 'image', or as a raw body with an image/* content type")
     if not (is_multipart(content_type) or is_json(content_type)):
         check_content_type(content_type)
@@ -66,15 +65,15 @@ def is_json(content_type: str) -> bool:
     return content_type.split(";")[0].strip().lower() == "application/json"
 
 
-def image_from_multipart(body: bytes, content_type: str) -> tuple[bytes, MultiDict]:
+def image_from_multipart(body: bytes, content_type: str) -> tuple[bytes, dict[str, list[str]]]:
     """Worker thread: the ``image`` file part and the text fields of a multipart body."""
     try:
         form = parse_multipart(body, content_type)
     except MultipartError as exc:
-        raise ApiError(400, "bad_multipart", str(exc)) from None
+        raise BadRequest("bad_multipart", str(exc)) from None
     part = form.files.get("image")
     if part is None:
-        raise ApiError(400, "missing_image", "multipart field 'image' (a file) is required")
+        raise BadRequest("missing_image", "multipart field 'image' (a file) is required")
     check_content_type(part.content_type)
     return part.data, form.fields
 
@@ -85,18 +84,18 @@ def image_from_json(body: bytes) -> tuple[bytes, dict[str, Any]]:
     try:
         values = json.loads(body)
     except (ValueError, RecursionError) as exc:
-        raise ApiError(400, "bad_json", f"the body is not valid JSON ({exc})") from None
+        raise BadRequest("bad_json", f"the body is not valid JSON ({exc})") from None
     if not isinstance(values, dict):
-        raise ApiError(400, "bad_json", "the body must be a JSON object")
+        raise BadRequest("bad_json", "the body must be a JSON object")
     encoded = values.pop("image", None)
     if not isinstance(encoded, str):
-        raise ApiError(400, "missing_image", "member 'image' (the image file, base64-encoded) is required")
+        raise BadRequest("missing_image", "member 'image' (the image file, base64-encoded) is required")
     if encoded.startswith("data:"):  # a data URL, as browsers' FileReader writes it
         encoded = encoded.partition(",")[2]
     try:
         data = base64.b64decode("".join(encoded.split()), validate=True)
     except ValueError:
-        raise ApiError(400, "bad_base64", "member 'image' is not valid base64") from None
+        raise BadRequest("bad_base64", "member 'image' is not valid base64") from None
     return data, values
 
 

@@ -1,4 +1,5 @@
-"""Pydantic models of the HTTP API's responses, for the OpenAPI schema (the options: service/options.py)."""
+"""Pydantic models of /segment's and /v1/model's responses, for the OpenAPI schema (the options:
+service/core/options.py)."""
 
 from __future__ import annotations
 
@@ -74,7 +75,3 @@ class ModelResponse(BaseModel):
     detections_per_image: int
     providers: list[str]
     max_batch_size: int
-
-
-class Status(BaseModel):
-    status: str

@@ -4,10 +4,11 @@ start batching), ``execute`` (one batch in, exactly one result or error per requ
 
 Every front door (``/segment``, the Open Inference Protocol's infer) goes through ``handle``: it answers
 one request with its status and latency in the metrics, under the door's route label. Inside,
-``admitted`` holds one of the server's slots for the request (refused at once with 503 when full or
-draining) under the request's deadline (504), and ``segment`` does the work off the event loop: decoding
-and post-processing in a small worker pool, inference in the batcher's single thread. Each door only
-parses its own request and encodes its own response.
+``admitted`` holds one of the server's slots for the request (refused at once, Unavailable, when full or
+draining) under the request's deadline (DeadlineExceeded), and ``segment`` does the work off the event
+loop: decoding and post-processing in a small worker pool, inference in the batcher's single thread. Each
+door only parses its own request, encodes its own response and says its errors in its own protocol; this
+module knows no protocol (no web framework is imported here).
 """
 
 from __future__ import annotations
@@ -22,24 +23,23 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-from starlette.responses import Response
 
-from service.batcher import BatchStats, Draining, DynamicBatcher, QueueFull, Slot
-from service.errors import ApiError
-from service.images import check_size, decode_image
-from service.metrics import Metrics, Route
-from service.options import Resolved
-from service.postprocess import EncodedMasks
-from service.render import encode_detections, filter_detections
-from service.runtime import OnnxModel, Prediction, Resized, split_outputs
-from service.settings import Settings
+from service.core.batcher import BatchStats, Draining, DynamicBatcher, QueueFull, Slot
+from service.core.errors import DeadlineExceeded, InternalError, ServiceError, Unavailable
+from service.core.images import check_size, decode_image
+from service.core.metrics import Metrics, Route
+from service.core.options import Resolved
+from service.core.postprocess import EncodedMasks, encode_detections, select_detections
+from service.core.runtime import OnnxModel, Prediction, Resized, split_outputs
+from service.core.settings import Settings
 
 log = logging.getLogger("service")
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
-class InferenceRequest:
+class BatchItem:
     """What one request puts in a batch: its resized image and its own score threshold."""
 
     image: Resized
@@ -79,7 +79,7 @@ class Pipeline:
         self.metrics.model.info({"name": info.model_name, "version": info.model_version, "arch": info.architecture})
         self.state: Literal["starting", "ready", "draining"] = "starting"
         self.pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="worker")
-        self.batcher: DynamicBatcher[InferenceRequest, Prediction] = DynamicBatcher(
+        self.batcher: DynamicBatcher[BatchItem, Prediction] = DynamicBatcher(
             self.execute,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_batch_wait_ms / 1000.0,
@@ -101,7 +101,7 @@ class Pipeline:
         log.info("serving %s %s on %s", self.model.metadata.model_name, self.model.metadata.model_version,
                  ", ".join(self.model.providers))
 
-    def execute(self, requests: list[InferenceRequest]) -> list[Prediction | Exception]:
+    def execute(self, requests: list[BatchItem]) -> list[Prediction | Exception]:
         """In the inference thread: pad, one ORT call, split per image. If the batch fails, each request
         is run alone, so that one bad request gets its own error and its neighbours their results."""
         try:
@@ -127,28 +127,34 @@ class Pipeline:
 
     # -- one request -------------------------------------------------------------------------------
     async def handle(
-        self, route: Route, work: Callable[[], Awaitable[Response]], error_response: Callable[[ApiError], Response]
-    ) -> Response:
-        """Answer one request: ``work``'s response, or its ApiError in the front door's own error body,
-        or a 500 for anything unexpected; the status answered and the time taken go to the metrics."""
+        self,
+        route: Route,
+        work: Callable[[], Awaitable[R]],
+        error_answer: Callable[[ServiceError], R],
+        status_of: Callable[[R], int],
+    ) -> R:
+        """Answer one request: ``work``'s answer, or its ServiceError in the front door's own terms
+        (``error_answer``), or an InternalError for anything unexpected; the status answered (``status_of``,
+        the door's) and the time taken go to the metrics."""
         started = time.perf_counter()
         status = 500  # also when the request is cancelled (the client went away)
         try:
             try:
-                response = await work()
-            except ApiError as exc:
-                response = error_response(exc)
+                answer = await work()
+            except ServiceError as exc:
+                answer = error_answer(exc)
             except Exception:
                 log.exception("request failed")
-                response = error_response(ApiError(500, "internal_error", "the server failed on this request"))
-            status = response.status_code
-            return response
+                answer = error_answer(InternalError("internal_error", "the server failed on this request"))
+            status = status_of(answer)
+            return answer
         finally:
             self.metrics.observe_request(route, status, time.perf_counter() - started)
 
     @contextlib.asynccontextmanager
-    async def admitted(self, route: Route, started: float) -> AsyncIterator[Slot[InferenceRequest, Prediction]]:
-        """Hold a slot for the block, which must finish within the request deadline from ``started``."""
+    async def admitted(self, route: Route, started: float) -> AsyncIterator[Slot[BatchItem, Prediction]]:
+        """Hold a slot for the block, which must finish within the request deadline from ``started``:
+        Unavailable at once when the server is full or draining, DeadlineExceeded past the deadline."""
         deadline = started + self.settings.request_timeout_s
         in_progress = self.metrics.in_progress.labels(route)
         try:
@@ -161,13 +167,13 @@ class Pipeline:
                     in_progress.dec()
         except (QueueFull, Draining) as exc:
             code = "overloaded" if isinstance(exc, QueueFull) else "shutting_down"
-            raise ApiError(503, code, str(exc), {"Retry-After": "1"}) from None
+            raise Unavailable(code, str(exc)) from None
         except TimeoutError:
             limit = self.settings.request_timeout_s
-            raise ApiError(504, "deadline_exceeded", f"not answered within the {limit:g} s deadline") from None
+            raise DeadlineExceeded("deadline_exceeded", f"not answered within the {limit:g} s deadline") from None
 
     async def segment(
-        self, slot: Slot[InferenceRequest, Prediction], image: bytes | np.ndarray, options: Resolved
+        self, slot: Slot[BatchItem, Prediction], image: bytes | np.ndarray, options: Resolved
     ) -> Segmented:
         """One admitted request's work: decode and resize ``image`` (an encoded file, or RGB uint8 pixels
         [H, W, 3]), infer in whichever batch it joins, keep the detections ``options`` asks for and encode
@@ -175,9 +181,9 @@ class Pipeline:
         decode_started = time.perf_counter()
         resized = await self.in_pool(self._prepare, image)
         decode_s = time.perf_counter() - decode_started
-        inferred = await self.infer(slot, InferenceRequest(resized, options.score_threshold))
+        inferred = await self.infer(slot, BatchItem(resized, options.score_threshold))
         post_started = time.perf_counter()
-        pred = filter_detections(inferred.prediction, options)
+        pred = select_detections(inferred.prediction, options)
         masks = await self.in_pool(encode_detections, pred, options) if options.rle or options.polygons else None
         postprocess_s = time.perf_counter() - post_started
         self.metrics.postprocess.observe(postprocess_s)
@@ -193,7 +199,7 @@ class Pipeline:
             image = decode_image(image, self.settings.max_image_pixels)
         return self.model.resize(image)
 
-    async def infer(self, slot: Slot[InferenceRequest, Prediction], request: InferenceRequest) -> Inferred:
+    async def infer(self, slot: Slot[BatchItem, Prediction], request: BatchItem) -> Inferred:
         """The request's detections, from whichever batch it joins."""
         job = slot.submit(request)
         prediction = await job.future
