@@ -26,6 +26,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -50,6 +51,9 @@ from model.data.coco import CocoDataset, find_annotation_file
 from model.files import atomic_path
 from service.core.postprocess import encode_masks
 from service.core.runtime import ModelLoadError, OnnxModel, Prediction, Resized, resize_by_policy, split_outputs
+
+if TYPE_CHECKING:  # torch only for checkpoints (TorchPredictor); ONNX files need none
+    import torch
 
 METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
@@ -182,7 +186,7 @@ class TorchPredictor:
         class_names: list[str],
         min_size: int,
         max_size: int,
-        device: str | object = "cpu",
+        device: str | torch.device = "cpu",
         score_threshold: float | None = EVAL_SCORE_THRESHOLD,
     ) -> None:
         import torch
@@ -200,7 +204,7 @@ class TorchPredictor:
     ) -> TorchPredictor:
         from model.checkpoint import load_model
 
-        loaded = load_model(path)
+        loaded = load_model(Path(path))
         return cls(loaded.model, loaded.class_names, loaded.min_size, loaded.max_size, device, score_threshold)
 
     def __call__(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:

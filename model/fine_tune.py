@@ -159,7 +159,7 @@ def freeze_backbone_stages(model: nn.Module, trainable: int) -> list[str]:
     Detectron2 does). Returns the frozen stages' module names."""
     if not 0 <= trainable <= len(BODY_STAGES):
         raise ValueError(f"trainable_backbone_layers must be in 0..{len(BODY_STAGES)}, got {trainable}")
-    body = model.backbone.body
+    body = model.get_submodule("backbone.body")
     frozen = []
     for stage in BODY_STAGES[: len(BODY_STAGES) - trainable]:
         for name in stage:

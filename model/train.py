@@ -26,7 +26,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,7 +234,8 @@ def build_network(
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     """SGD over the trainable parameters, weight decay skipping norm layers and biases, as usual; the
     warmup + step schedule."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
@@ -438,7 +439,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, signal._HANDLER] = {}
 
     def __enter__(self) -> StopSignals:
         if threading_is_main():
@@ -566,7 +567,7 @@ def _train(cfg: TrainConfig, resume, progress: bool, overwrite: bool, world: Wor
                     _log(log, board, run.step, record)
             if run.step % cfg.checkpoint_every == 0 or done or evaluate or stopping:
                 if world.is_main:
-                    improved = _evaluate(validation, model, cfg, run, log, board) if evaluate else False
+                    improved = _evaluate(validation, model, cfg, run, log, board) if validation and evaluate else False
                     last = save_checkpoint(out_dir, state(), cfg.keep_checkpoints)
                     if improved:
                         _link_or_copy(last, out_dir / "best.pt")
@@ -728,8 +729,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None, 
     return TrainConfig.from_dict(values), resume, args.overwrite
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg, resume, overwrite = parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, resume, overwrite = parse_args(None if argv is None else list(argv))
     path = train(cfg, resume, overwrite=overwrite)
     if os.environ.get("RANK", "0") == "0":  # torchrun's rank 0 speaks for the run
         print(f"checkpoint: {path}")

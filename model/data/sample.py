@@ -46,8 +46,8 @@ def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
     boxes = np.zeros((n, 4), dtype=np.float32)
     if n == 0:
         return boxes
-    rows = masks.any(axis=2)
-    cols = masks.any(axis=1)
+    rows = np.asarray(masks.any(axis=2))  # numpy's stubs type any() as a scalar or an array
+    cols = np.asarray(masks.any(axis=1))
     for i in range(n):
         ys = np.flatnonzero(rows[i])
         xs = np.flatnonzero(cols[i])

@@ -267,7 +267,8 @@ def encode_rle(mask: np.ndarray) -> dict:
 
 
 def coco_annotations(sample: Sample, first_id: int) -> list[dict]:
-    """COCO annotation dicts (RLE segmentation, xywh bbox, mask area) of one sample."""
+    """COCO annotation dicts (RLE segmentation, xywh bbox, mask area) of one generated sample (full masks)."""
+    masks = np.asarray(sample.masks)
     anns = []
     for k in range(len(sample.labels)):
         x1, y1, x2, y2 = (float(v) for v in sample.boxes[k])
@@ -276,8 +277,8 @@ def coco_annotations(sample: Sample, first_id: int) -> list[dict]:
                 "id": first_id + k,
                 "image_id": sample.image_id,
                 "category_id": int(sample.labels[k]),
-                "segmentation": encode_rle(sample.masks[k]),
-                "area": float(sample.masks[k].sum()),
+                "segmentation": encode_rle(masks[k]),
+                "area": float(masks[k].sum()),
                 "bbox": [x1, y1, x2 - x1, y2 - y1],
                 "iscrowd": 0,
             }
@@ -294,7 +295,8 @@ def write_coco(out: str | os.PathLike, num: int, seed: int, image_format: str = 
     """
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     params = [cv2.IMWRITE_JPEG_QUALITY, 95] if image_format == "jpg" else []
     for i in range(num):
         sample = generate(seed, i)
