@@ -26,6 +26,7 @@ class World:
     rank: int = 0
     local_rank: int = 0
     size: int = 1
+    grouped: bool = False  # in a torch.distributed process group (torchrun), even of one
 
     @property
     def is_main(self) -> bool:
@@ -34,7 +35,8 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """Launched by torchrun: DDP and the collectives run, whatever the number of processes."""
+        return self.grouped
 
 
 def launched_by_torchrun() -> bool:
@@ -46,7 +48,7 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
     CPU; each rank on its own GPU. Outside torchrun: a world of one on ``device``."""
     if not launched_by_torchrun():
         return World(), device
-    world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]), True)
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)

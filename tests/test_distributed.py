@@ -70,7 +70,7 @@ def _rank(rank: int, port: int, images: list[int], out: str) -> None:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for step in range(2):
         train_step(network.train(), optimizer, scheduler, [_batch([images[rank]])], torch.device("cpu"), CFG,
-                   scaler, World(rank, rank, 2))
+                   scaler, World(rank, rank, 2, grouped=True))
         torch.save(weights(model), f"{out}/rank{rank}_step{step}.pt")
     dist.destroy_process_group()
 

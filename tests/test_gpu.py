@@ -1,7 +1,8 @@
 """What the docs claim of CUDA, checked on a GPU (skipped without one; scripts/gpu_tests.sh runs exactly this
 set): the RoIAlign and NMS ops on CUDA give the CPU's answers, ONNX Runtime's CUDA provider runs the exported
 graph (the standard RoiAlign and NonMaxSuppression ops of export/onnx_ops.py) to the CPU provider's
-detections, and a training step runs on CUDA."""
+detections, a training step runs on CUDA, in float32 and with fp16 autocast, and torchrun's DDP runs on NCCL
+(world size 1, SyncBN)."""
 
 from __future__ import annotations
 
@@ -99,3 +100,46 @@ def test_a_training_step_on_cuda() -> None:
     assert [n for n, g in grads.items() if g is None or not torch.isfinite(g).all()] == []
     torch.optim.SGD(model.parameters(), lr=0.01).step()
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_an_fp16_training_step_on_cuda() -> None:
+    """model.train's step with ``amp: fp16`` (autocast and a GradScaler) on CUDA: finite losses, RoIAlign's
+    output and the losses in float32, the weights moved."""
+    from model.data.coco import DetectionDataset, collate
+    from model.data.shapes import ShapesDataset
+    from model.distributed import World
+    from model.train import TrainConfig, build, train_step
+
+    cfg = TrainConfig(synthetic=2, min_size=128, max_size=192, batch_size=2, amp="fp16", device="cuda",
+                      model={"norm": "bn", **TINY_MODEL})
+    model, optimizer, scheduler = build(cfg, 5, CUDA, verbose=False)
+    batch = collate([DetectionDataset(ShapesDataset(2, 1), 128, 192, train=False)[i] for i in range(2)])
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cuda")
+    values = train_step(model.train(), optimizer, scheduler, [batch], CUDA, cfg, scaler, World())
+    assert all(np.isfinite(v) for v in values.values()), values
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    with torch.autocast("cuda", dtype=torch.float16):
+        pooled = model.roi_heads.box_roi_pool(
+            [torch.randn(1, 128, 32, 32, device=CUDA).half()] * 4, torch.tensor([[0.0, 0, 50, 50]], device=CUDA),
+            torch.zeros(1, dtype=torch.long, device=CUDA))
+    assert pooled.dtype == torch.float32
+
+
+def test_ddp_with_nccl_at_world_size_one(tmp_path: Path) -> None:
+    """The real command under torchrun on one GPU: NCCL initializes, DDP wraps the model, rank 0 writes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    config = {"arch": "r18_fpn", "synthetic": 4, "min_size": 96, "max_size": 128, "batch_size": 2, "max_steps": 2,
+              "warmup_steps": 0, "lr_steps": [100], "log_every": 1, "device": "cuda", "out_dir": str(tmp_path / "run"),
+              "amp": "bf16", "model": {"norm": "syncbn", **TINY_MODEL}}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           "-m", "model.train", "--config", str(tmp_path / "cfg.json")], capture_output=True,
+                          text=True, cwd=root, env=os.environ, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [1, 2]
