@@ -78,6 +78,7 @@ def _train(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
                           cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_every_problem_stops_the_run_before_step_one(bad_folder: Path, tmp_path: Path) -> None:
     done = _train(bad_folder, tmp_path / "run")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
@@ -93,6 +94,7 @@ def test_every_problem_stops_the_run_before_step_one(bad_folder: Path, tmp_path:
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_skip_policy_trains_and_counts(bad_folder: Path, tmp_path: Path) -> None:
     done = _train(bad_folder, tmp_path / "run", "--data-errors", "skip")
     assert done.returncode == 0, done.stderr

@@ -87,6 +87,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
+@pytest.mark.slow
 def test_two_ranks_hold_identical_weights_and_equal_one_process(tmp_path: Path) -> None:
     """Different images on the two ranks: identical weights after every step, equal to one process that
     accumulates the two images' gradients; the same image on both: equal to one process's batch of two."""

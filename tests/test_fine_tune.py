@@ -160,6 +160,7 @@ def test_help_shows_the_values_of_the_config(tmp_path):
     assert "3000 (from configs/shapes_r18_cpu.json)" in text and "--val-data VAL_DATA default: None" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "says"),
     [

@@ -209,6 +209,7 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path: Path) -> None:
     assert [r["step"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())] == [1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_mid_run_leaves_a_checkpoint_to_resume(tmp_path: Path, signum: int, status: int) -> None:
     """SIGTERM (schedulers) or SIGINT (Ctrl-C, to the process group) after a completed step: the step in
