@@ -63,7 +63,7 @@ class OneSendH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol writing each response in one send (see OneSendTransport)."""
 
     # uvicorn narrows asyncio.Protocol.connection_made to a Transport itself (with the same ignore).
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn hands a Transport; asyncio declares BaseTransport
         super().connection_made(OneSendTransport(transport))  # type: ignore[arg-type]  # a Transport by duck typing
 
 
