@@ -7,10 +7,12 @@ every K steps and at the end, COCO AP on a validation folder every E steps with 
 (``best.pt``). Before step 1 the data are checked (model.data.checks) and the initial weights accounted
 for (model.fine_tune). SIGINT and SIGTERM finish the current step, write a checkpoint and exit 130 / 143.
 
-Checkpoints are dicts with `model`, `optimizer`, `scheduler`, `step`, `config` (incl. arch, num_classes,
-min_size, max_size) and `class_names` (index 0 "__background__"). They are written to a temporary file
-and renamed into place, so a crash or a failed step never leaves a half-written checkpoint, and
-``--resume`` continues with the same step count, optimizer state, learning rate and data order.
+Checkpoints are dicts with `model`, `optimizer`, `scheduler`, `scaler`, `step`, `config` (incl. arch,
+num_classes, min_size, max_size), `class_names` (index 0 "__background__") and `run` (the best evaluation so
+far). They are written to a temporary file and renamed into place, so a crash or a failed step never leaves
+a half-written checkpoint, and ``--resume`` continues with the same step count, optimizer state, learning
+rate, data order and sampling (seeded per step). Under torchrun (model.distributed) every rank runs this
+module; rank 0 alone writes.
 """
 
 from __future__ import annotations
