@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import machine, table, write_section
+from contract import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
 
 HEIGHT, WIDTH, INSTANCES = 3000, 4000, 100
-MIN_SIZE, MAX_SIZE = 800, 1333
+MIN_SIZE, MAX_SIZE = DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE  # the contract's input size policy
 
 
 def write_photo(root: Path) -> None:

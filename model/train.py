@@ -62,6 +62,7 @@ from model.distributed import (
 )
 from model.files import atomic_path
 from model.fine_tune import (
+    BODY_STAGES,
     FINE_TUNING_TRAINABLE_STAGES,
     InitReport,
     freeze_backbone_stages,
@@ -228,7 +229,7 @@ def build_network(
         )
     trainable = cfg.trainable_backbone_layers
     if trainable is None:
-        trainable = FINE_TUNING_TRAINABLE_STAGES if cfg.init_weights else 5
+        trainable = FINE_TUNING_TRAINABLE_STAGES if cfg.init_weights else len(BODY_STAGES)
     freeze_backbone_stages(model, trainable)
     return model, report
 
