@@ -47,10 +47,16 @@ def models():
     from model import build_model
 
     torch.manual_seed(0)
-    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=512, max_size=1333)
+    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
     ours = build_model("r50_fpn", norm="bn")
     ours.load_state_dict(tv.state_dict())
     return tv.train(), ours.train()
+
+
+def keep_size(tv, size: tuple[int, int]) -> None:
+    """Make torchvision's transform resize ``size`` by exactly 1 (its default, 800 / 1333, would scale a
+    512x512 image up), so that both models see the same pixels."""
+    tv.transform.min_size, tv.transform.max_size = (min(size),), max(size)
 
 
 def step_fn(model, images, targets, ours: bool, amp: torch.dtype | None = None) -> Callable[[], None]:
@@ -129,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     step_rows = []
     for name, size, n in SETTINGS:
         images, targets = batch(size, n)
+        keep_size(tv, size)
         fns = {"ours": step_fn(ours, images, targets, True), "torchvision": step_fn(tv, images, targets, False)}
         t = alternate(fns, args.rounds)
         speed_up = f"{t['torchvision'] / t['ours']:.2f}x"
@@ -145,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.__version__}, {torch.get_num_threads()} threads. Same weights (torchvision's random init loaded "
         f"into ours; trainable batch norms, every stage trained), same images and {INSTANCES} instances per image, "
         "same sampling settings; forward + backward + SGD step; medians over alternating rounds after a warm-up. "
-        "torchvision resizes in its transform (a no-op scale here); ours takes the padded uint8 batch.",
+        "torchvision's transform is set to scale by exactly 1 at each size (min_size, max_size = the image's sides); "
+        "ours takes the padded uint8 batch.",
         table(["input", "ours s", "torchvision s", "speed-up"], step_rows),
         "Our step in float32 vs bf16 autocast (512x512, batch 2; RoIAlign, box decoding and losses in float32):",
         table(["precision", "s per step", "vs float32"],

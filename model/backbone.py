@@ -81,28 +81,45 @@ class PaddingMasks:
     ``zero(x, stride)`` multiplies by 0/1, for activations without a ReLU (the FPN's). The int8 graph
     cannot quantize that bias: export/quantize/rewrites.py (``masks_as_multiplies``) recognizes this exported form
     and rewrites it as multiplies, so a change here needs one there.
+
+    In eager PyTorch (training, evaluation) the same values come cheaper: a map no image is padded in is
+    left alone, and the masks broadcast from [B, 1, H, W] instead of being widened to every channel, which
+    only ONNX Runtime's layout needs (``_per_channel``). Deciding per map reads the image sizes on the host
+    once, a branch on data that a traced graph cannot hold, so tracing and export keep the one form.
     """
 
     def __init__(self, image_sizes: Tensor):
         self.image_sizes = image_sizes
-        self.cache: dict[tuple[str, int, int], Tensor] = {}
+        self.cache: dict[tuple[str, int, int], Tensor | None] = {}
+        self.eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+        self.host_sizes = image_sizes.tolist() if self.eager else []
 
-    def _mask(self, kind: str, x: Tensor, stride: int) -> Tensor:
+    def _padded(self, stride: int, height: int, width: int) -> bool:
+        """Whether any image of the batch ends before a [height, width] map at ``stride`` does (eager only)."""
+        return any(-(-h // stride) < height or -(-w // stride) < width for h, w in self.host_sizes)
+
+    def _mask(self, kind: str, x: Tensor, stride: int) -> Tensor | None:
         key = (kind, stride, x.shape[1])
         if key not in self.cache:
-            inside = valid_mask(self.image_sizes, stride, x.shape[-2], x.shape[-1], torch.bool)
+            height, width = x.shape[-2:]
+            if self.eager and not self._padded(stride, height, width):
+                self.cache[key] = None
+                return None
+            inside = valid_mask(self.image_sizes, stride, height, width, torch.bool)
             if kind == "bias":
                 mask = x.new_full(inside.shape, torch.finfo(x.dtype).min).masked_fill(inside, 0.0)
             else:
                 mask = inside.to(x.dtype)
-            self.cache[key] = _per_channel(mask, x.shape[1])
+            self.cache[key] = mask if self.eager else _per_channel(mask, x.shape[1])
         return self.cache[key]
 
     def relu(self, x: Tensor, stride: int) -> Tensor:
-        return F.relu(x + self._mask("bias", x, stride))
+        bias = self._mask("bias", x, stride)
+        return F.relu(x) if bias is None else (x + bias).relu_()
 
     def zero(self, x: Tensor, stride: int) -> Tensor:
-        return x * self._mask("gate", x, stride)
+        gate = self._mask("gate", x, stride)
+        return x if gate is None else x * gate
 
 
 def _bottleneck(block: Bottleneck, x: Tensor, masks: PaddingMasks, stride: int) -> Tensor:
@@ -111,7 +128,8 @@ def _bottleneck(block: Bottleneck, x: Tensor, masks: PaddingMasks, stride: int) 
     out = masks.relu(block.bn1(block.conv1(x)), stride)
     out = block.relu(block.bn2(block.conv2(out)))
     out = block.bn3(block.conv3(out))
-    return block.relu(out + identity)
+    out += identity  # in place, as torchvision's block: one map fewer to allocate per block
+    return block.relu(out)
 
 
 def _basic_block(block: BasicBlock, x: Tensor, masks: PaddingMasks, stride: int) -> Tensor:

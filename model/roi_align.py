@@ -119,27 +119,53 @@ def _check_args(features: Tensor, rois: Tensor) -> None:
         )
 
 
+def _by_image(rois: Tensor, n: int) -> tuple[Tensor, list[tuple[int, slice]], Tensor | None]:
+    """``rois`` sorted by image, each image's slice of them, and the order that restores theirs (None when
+    they came sorted, as MultiScaleRoIAlign's do): a slice costs no gather, where per-image indices would
+    copy every RoI's samples twice more."""
+    batch_index = rois[:, 0].long()
+    order = None
+    if not bool((batch_index[1:] >= batch_index[:-1]).all()):
+        order = torch.argsort(batch_index, stable=True)
+        rois, batch_index = rois[order], batch_index[order]
+    counts = torch.bincount(batch_index, minlength=n).tolist()
+    if sum(counts[:n]) != rois.shape[0] or (rois.shape[0] and int(batch_index[0]) < 0):
+        raise ValueError(f"RoI batch indices must lie in [0, {n}), the feature batch")
+    slices, start = [], 0
+    for b, count in enumerate(counts[:n]):
+        if count:
+            slices.append((b, slice(start, start + count)))
+        start += count
+    return rois, slices, None if order is None else torch.argsort(order)
+
+
 def _pool(
     features: Tensor, rois: Tensor, spatial_scale: float, pooled: tuple[int, int], samples: tuple[int, int],
     aligned: bool,
 ) -> Tensor:
-    """RoIAlign with ``samples`` (sh, sw) points per bin for every RoI: [K, C, PH, PW]."""
+    """RoIAlign with ``samples`` (sh, sw) points per bin for every RoI: [K, C, PH, PW].
+
+    The samples stay in grid_sample's channel-first layout [C, K, PH*sh, PW*sw]; the average pool reads
+    it as is (K as its channels), so only the pooled results, sh*sw times smaller, are joined and transposed.
+    """
     n, c, h, w = features.shape
     sh, sw = samples
+    if rois.shape[0] == 0:
+        return features.new_zeros(0, c, *pooled)
+    rois, slices, restore = _by_image(rois, n)
     grid, inside = _sampling_grid(rois, h, w, spatial_scale, pooled, samples, aligned)
-    out = features.new_zeros(rois.shape[0], c, pooled[0] * sh, pooled[1] * sw)
-    batch_index = rois[:, 0].long()
-    for b in range(n):  # one grid_sample per image; the RoIs of an image are sampled together
-        sel = (batch_index == b).nonzero().squeeze(1)
-        if sel.numel() == 0:
-            continue
-        image_grid = grid[sel].reshape(1, -1, pooled[1] * sw, 2)
+    check_inside = not bool(inside.all())  # RoIs inside the map (proposals are clipped to the image) skip it
+    parts = []
+    for b, rows in slices:  # one grid_sample per image; the RoIs of an image are sampled together
+        image_grid = grid[rows].reshape(1, -1, pooled[1] * sw, 2)
         sampled = F.grid_sample(
             features[b : b + 1], image_grid, mode="bilinear", padding_mode="border", align_corners=True
-        )
-        out[sel] = sampled.view(c, sel.numel(), pooled[0] * sh, pooled[1] * sw).transpose(0, 1)
-    out = out * inside[:, None].to(out.dtype)
-    return F.avg_pool2d(out, kernel_size=samples, stride=samples)
+        ).view(c, -1, pooled[0] * sh, pooled[1] * sw)
+        if check_inside:
+            sampled = sampled * inside[rows].to(sampled.dtype)
+        parts.append(F.avg_pool2d(sampled, kernel_size=samples, stride=samples))
+    out = torch.cat(parts, dim=1).transpose(0, 1).contiguous()
+    return out if restore is None else out[restore]
 
 
 @torch.library.custom_op("maskrcnn::roi_align", mutates_args=())
@@ -175,27 +201,36 @@ def _roi_align_fake(features, rois, spatial_scale, pooled_height, pooled_width, 
 
 def _pool_backward(
     grad: Tensor, rois: Tensor, spatial_scale: float, pooled: tuple[int, int], samples: tuple[int, int],
-    aligned: bool, grad_features: Tensor,
+    aligned: bool, grad_features: Tensor, written: set[int],
 ) -> None:
-    """Add the gradient of ``_pool`` with respect to the features into ``grad_features`` [N, C, H, W]."""
+    """Add the gradient of ``_pool`` with respect to the features into ``grad_features`` [N, C, H, W]: copied
+    into an image's slice the first time (``written`` records which), added after, so the common case of
+    one pass per image never fills the whole map with zeros first."""
     n, c, h, w = grad_features.shape
     sh, sw = samples
+    rois, slices, restore = _by_image(rois, n)
+    if restore is not None:
+        grad = grad[torch.argsort(restore)]
     grid, inside = _sampling_grid(rois, h, w, spatial_scale, pooled, samples, aligned)
-    # Undo the average pool and the out-of-range zeroing.
-    grad_samples = grad.repeat_interleave(sh, dim=2).repeat_interleave(sw, dim=3) / (sh * sw)
-    grad_samples = grad_samples * inside[:, None].to(grad.dtype)
+    # Undo the average pool (each sample gets 1 / (sh * sw) of its bin's gradient) and the out-of-range
+    # zeroing, straight into grid_sample's layout [C, K, PH, sh, PW, sw]: one pass over the samples.
+    weight = grad.new_tensor(1.0 / (sh * sw)).expand(rois.shape[0], pooled[0], sh, pooled[1], sw)
+    if not bool(inside.all()):
+        weight = inside.view(-1, pooled[0], sh, pooled[1], sw).to(grad.dtype) * weight
     shape_only = grad.new_empty(1, c, h, w)
-    batch_index = rois[:, 0].long()
-    for b in range(n):
-        sel = (batch_index == b).nonzero().squeeze(1)
-        if sel.numel() == 0:
-            continue
-        image_grid = grid[sel].reshape(1, -1, pooled[1] * sw, 2)
-        image_grad = grad_samples[sel].transpose(0, 1).reshape(1, c, -1, pooled[1] * sw)
+    for b, rows in slices:
+        # Written into a channel-first tensor: the product of a transposed view would keep its strides.
+        image_grad = grad.new_empty(c, rows.stop - rows.start, pooled[0], sh, pooled[1], sw)
+        torch.mul(grad[rows].transpose(0, 1)[:, :, :, None, :, None], weight[rows], out=image_grad)
+        image_grid = grid[rows].reshape(1, -1, pooled[1] * sw, 2)
         grad_input, _ = torch.ops.aten.grid_sampler_2d_backward(
-            image_grad, shape_only, image_grid, _BILINEAR, _BORDER, True, [True, False]
+            image_grad.view(1, c, -1, pooled[1] * sw), shape_only, image_grid, _BILINEAR, _BORDER, True, [True, False]
         )
-        grad_features[b] += grad_input[0]
+        if b in written:
+            grad_features[b] += grad_input[0]
+        else:
+            grad_features[b].copy_(grad_input[0])
+            written.add(b)
 
 
 @torch.library.custom_op("maskrcnn::roi_align_backward", mutates_args=())
@@ -214,12 +249,15 @@ def roi_align_backward(
     """Gradient of ``roi_align`` with respect to the features: the bilinear weights scattered back."""
     rois = rois.to(grad.dtype)
     pooled = (pooled_height, pooled_width)
-    grad_features = grad.new_zeros(batch_size, grad.shape[1], height, width)
+    grad_features = grad.new_empty(batch_size, grad.shape[1], height, width)
+    written: set[int] = set()
     if sampling_ratio > 0:
-        _pool_backward(grad, rois, spatial_scale, pooled, (sampling_ratio,) * 2, aligned, grad_features)
+        _pool_backward(grad, rois, spatial_scale, pooled, (sampling_ratio,) * 2, aligned, grad_features, written)
     else:
         for samples, index in adaptive_groups(rois, grad.shape[1], spatial_scale, pooled, aligned):
-            _pool_backward(grad[index], rois[index], spatial_scale, pooled, samples, aligned, grad_features)
+            _pool_backward(grad[index], rois[index], spatial_scale, pooled, samples, aligned, grad_features, written)
+    for b in set(range(batch_size)) - written:  # images without RoIs get no gradient
+        grad_features[b].zero_()
     return grad_features
 
 

@@ -48,6 +48,14 @@ def test_replicate_edges_without_padding_changes_nothing():
     assert torch.equal(replicate_edges(feature, torch.tensor([[6, 7], [6, 7]]), 1), feature)
 
 
+def test_masks_leave_a_map_without_padding_alone():
+    """In eager mode a map that no image is padded in is not masked at all (the same values, no pass)."""
+    x = _feature()
+    masks = PaddingMasks(torch.tensor([[12, 14], [11, 13]]))  # at stride 2: 6 x 7 both
+    assert masks.zero(x, 2) is x
+    assert torch.equal(masks.relu(x, 2), F.relu(x))
+
+
 def test_masks_relu_and_zero():
     x = _feature()
     sizes = torch.tensor([[8, 6], [12, 14]])  # at stride 2: 4 x 3 and 6 x 7

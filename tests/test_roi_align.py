@@ -57,6 +57,19 @@ def test_gradients_match_torchvision(aligned):
     assert (ours_in.grad - ref_in.grad).abs().max().item() <= 1e-5
 
 
+def test_an_image_without_rois_gets_no_gradient():
+    features = torch.randn(3, 4, 10, 10, requires_grad=True)
+    rois = torch.tensor([[2.0, 1, 1, 6, 6], [0.0, 2, 2, 8, 9]])
+    roi_align(features, rois, 1.0, 7, 7, 2, False).sum().backward()
+    assert (features.grad[1] == 0).all() and features.grad[0].abs().sum() > 0 and features.grad[2].abs().sum() > 0
+
+
+def test_batch_index_outside_the_features_is_an_error():
+    rois = torch.tensor([[0.0, 1, 1, 6, 6], [2.0, 2, 2, 8, 9]])
+    with pytest.raises(ValueError, match=r"batch indices must lie in \[0, 2\)"):
+        roi_align(torch.randn(2, 4, 10, 10), rois, 1.0, 7, 7, 2, False)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("aligned", [True, False])
 def test_gradcheck_float64(aligned):
