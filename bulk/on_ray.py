@@ -11,6 +11,7 @@ workers import this project, which their image or ``runtime_env`` must provide (
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import tempfile
@@ -81,7 +82,7 @@ def run_on_ray(args: argparse.Namespace, model: OnnxModel, todo: list[Image], op
     from bulk.job import run_id
 
     try:
-        ray.init(address=args.ray, logging_level="warning", log_to_driver=False)
+        ray.init(address=args.ray, logging_level=logging.WARNING, log_to_driver=False)
     except ConnectionError as exc:
         raise UsageError(f"--ray {args.ray}: {exc}") from None
     try:
@@ -91,8 +92,8 @@ def run_on_ray(args: argparse.Namespace, model: OnnxModel, todo: list[Image], op
         model_ref = ray.put(model.path.read_bytes())
         blocks = math.ceil(len(todo) / args.shard_size)
         items = [{"key": image.key, "file_name": image.file_name} for image in todo]
-        ds = ray.data.from_items(items, override_num_blocks=blocks)
-        ds = ds.map_batches(
+        listed = ray.data.from_items(items, override_num_blocks=blocks)
+        segmented = listed.map_batches(
             Segmenter,
             fn_constructor_kwargs={"model": [model_ref], "options": options, "max_pixels": max_pixels,
                                    "threads": max(1, math.floor(args.cpus_per_actor)), "gpu": args.gpus_per_actor > 0},
@@ -101,6 +102,6 @@ def run_on_ray(args: argparse.Namespace, model: OnnxModel, todo: list[Image], op
             num_cpus=args.cpus_per_actor,
             num_gpus=args.gpus_per_actor,
         )
-        ds.write_datasink(JsonLinesDatasink(os.path.join(str(args.out.absolute()), SHARDS, f"ray-{run_id()}")))
+        segmented.write_datasink(JsonLinesDatasink(os.path.join(str(args.out.absolute()), SHARDS, f"ray-{run_id()}")))
     finally:
         ray.shutdown()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from service.core.errors import ServiceError
 from service.core.images import check_size, decode_image
@@ -32,7 +33,7 @@ class Segmentation:
     masks: EncodedMasks | None  # None when the options ask for no mask encoding
 
 
-def prepare(model: OnnxModel, image: bytes | np.ndarray, max_pixels: int) -> Resized:
+def prepare(model: OnnxModel, image: bytes | npt.NDArray[np.uint8], max_pixels: int) -> Resized:
     """An encoded file or RGB uint8 pixels [H, W, 3], checked against the pixel limit (before decoding),
     decoded and resized by the model's policy; a ServiceError saying what is wrong with it otherwise."""
     if isinstance(image, np.ndarray):
