@@ -23,7 +23,7 @@ def segment_images(model: OnnxModel, images: Sequence[Image], options: Resolved,
     for i, image in enumerate(images):
         try:
             data[i] = read_bytes(image.key)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # pyarrow's errors are OSErrors or (ArrowInvalid) ValueErrors
             answers[i] = exc
     answers.update(zip(data, segment_batch(model, list(data.values()), options, max_pixels), strict=True))
     return [record_of(image, answers[i]) for i, image in enumerate(images)]
