@@ -42,11 +42,11 @@ class Segmenter:
 
     def __init__(self, model: list[ObjectRef[bytes]], options: Resolved, max_pixels: int, threads: int,
                  gpu: bool) -> None:
-        folder = tempfile.mkdtemp(prefix="bulk-model-")
-        path = Path(folder) / "model.onnx"
-        path.write_bytes(ray.get(model[0]))
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
-        self.model = OnnxModel(path, providers, intra_op_threads=threads, allow_spinning=False)
+        with tempfile.TemporaryDirectory(prefix="bulk-model-") as folder:  # ORT holds the graph once loaded
+            path = Path(folder) / "model.onnx"
+            path.write_bytes(ray.get(model[0]))
+            self.model = OnnxModel(path, providers, intra_op_threads=threads, allow_spinning=False)
         self.options, self.max_pixels = options, max_pixels
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:

@@ -134,6 +134,23 @@ def test_a_folder_a_glob_a_list_file_and_one_image_name_their_images(tmp_path: P
         list_images(str(tmp_path / "nowhere"))
 
 
+def test_a_pyarrow_uri_names_and_reads_the_same_images(tmp_path: Path) -> None:
+    """pyarrow's own filesystems (``local://`` here, ``s3://`` or ``gs://`` elsewhere): the same listing and
+    the same answers as the plain paths."""
+    images = scenes_folder(tmp_path, 5)
+    uri = f"local://{images}"
+    assert [i.file_name for i in list_images(uri)] == [i.file_name for i in list_images(str(images))]
+    assert [i.key for i in list_images(f"{uri}/*.png")] == [f"{uri}/{n}" for n in ("001.png", "empty.png")]
+    listing = tmp_path / "uris.txt"
+    listing.write_text(f"{uri}/000.jpg\n{uri}/nowhere.jpg\n")
+    assert main([f"local://{listing}", "--out", str(tmp_path / "listed"), "--quiet"]) == 0
+    failures = json.loads((tmp_path / "listed" / FAILURES).read_text())
+    assert [f["path"] for f in failures] == [f"{uri}/nowhere.jpg"]
+    assert main([uri, "--out", str(tmp_path / "uri"), "--quiet"]) == 0
+    assert main([str(images), "--out", str(tmp_path / "plain"), "--quiet"]) == 0
+    assert_same_results(by_file(tmp_path / "uri"), by_file(tmp_path / "plain"))
+
+
 def test_options_are_checked_as_segment_checks_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "a.png").write_bytes(b"")
     assert main([str(tmp_path), "--out", str(tmp_path / "out"), "--classes", "circle,unicorn"]) == 2
