@@ -124,6 +124,7 @@ def run(argv: Sequence[str] | None = None) -> None:
         from bulk.on_ray import run_on_ray
 
         run_on_ray(args, model, todo, options, settings.max_image_pixels)
+        say_failures(args.out, todo)  # the actors' failures, one line each, once the job is done
     else:
         segment_here(args, model, todo, options, settings.max_image_pixels)
     seconds = time.perf_counter() - started
@@ -148,6 +149,14 @@ def segment_here(args: argparse.Namespace, model: OnnxModel, todo: list[Image], 
             run_local(model, todo, options, max_pixels, args.batch_size, args.threads, on_records)
         finally:
             writer.close()
+
+
+def say_failures(out: Path, images: list[Image]) -> None:
+    done = read_records(out)
+    for image in images:
+        record = done.get(image.key)
+        if record is not None and "error" in record:
+            print(f"failed: {image.key}: {record['error']}", file=sys.stderr)
 
 
 def run_id() -> str:

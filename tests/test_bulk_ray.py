@@ -81,8 +81,12 @@ def local_run(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_nodes_give_the_local_jobs_results(cluster: Cluster, images: Path, local_run: Path,
                                                tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run_bulk(images, out, "--ray", cluster.address, "--batch-size", "2", "--shard-size", "10")
+    done = run_bulk(images, out, "--ray", cluster.address, "--batch-size", "2", "--shard-size", "10")
     assert_same_results(by_file(out), by_file(local_run))
+    failures = json.loads((out / FAILURES).read_text())
+    assert failures == json.loads((local_run / FAILURES).read_text()) and len(failures) == 3
+    for failure in failures:
+        assert f"failed: {failure['path']}: {failure['error']}" in done.stderr
     assert len(list((out / SHARDS).glob("ray-*/*.jsonl"))) == NUM_IMAGES // 10
 
 
