@@ -12,7 +12,7 @@ MODEL ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[train,dev,annotation,ray]'
+	$(PIP) install -q -e '.[train,dev,annotation,ray,bulk]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -33,6 +33,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from bulk.records import detection_records
 from commandline import (
     ArgumentParser,
     CommandError,
@@ -139,22 +140,8 @@ def to_coco_results(pred: Prediction, image_id: int, cat_of_label: dict[int, int
     """COCO results of one image's detections (boxes already in original pixels), masks pasted and
     RLE-encoded at the original size by the service's own post-processing, so AP measures what is served."""
     rles = encode_masks(pred.masks, pred.boxes, pred.image_size, rle=True, polygons=False).rles or []
-    results = []
-    for box, score, label, rle in zip(pred.boxes.tolist(), pred.scores.tolist(), pred.labels.tolist(), rles,
-                                      strict=True):
-        if label not in cat_of_label:
-            continue
-        x0, y0, x1, y1 = box
-        results.append(
-            {
-                "image_id": int(image_id),
-                "category_id": cat_of_label[label],
-                "score": score,
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "segmentation": rle,
-            }
-        )
-    return results
+    return [{"image_id": int(image_id), **det, "category_id": cat_of_label[det["category_id"]]}
+            for det in detection_records(pred, rles) if det["category_id"] in cat_of_label]
 
 
 class OnnxPredictor:

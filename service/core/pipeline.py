@@ -26,11 +26,11 @@ import numpy as np
 
 from service.core.batcher import BatchStats, Draining, DynamicBatcher, QueueFull, Slot
 from service.core.errors import DeadlineExceeded, InternalError, ServiceError, Unavailable
-from service.core.images import check_size, decode_image
 from service.core.metrics import Metrics, Route
 from service.core.options import Resolved
-from service.core.postprocess import EncodedMasks, encode_detections, select_detections
-from service.core.runtime import OnnxModel, Prediction, Resized, split_outputs
+from service.core.postprocess import EncodedMasks
+from service.core.runtime import OnnxModel, Prediction, Resized
+from service.core.segmentation import finish, prepare, run_batch
 from service.core.settings import Settings
 
 log = logging.getLogger("service")
@@ -104,16 +104,7 @@ class Pipeline:
     def execute(self, requests: list[BatchItem]) -> list[Prediction | Exception]:
         """In the inference thread: pad, one ORT call, split per image. If the batch fails, each request
         is run alone, so that one bad request gets its own error and its neighbours their results."""
-        try:
-            items = [r.image for r in requests]
-            images, sizes = self.model.collate(items)
-            thresholds = np.array([r.score_threshold for r in requests], dtype=np.float32)
-            return list(split_outputs(self.model.run(images, sizes, thresholds), items))
-        except Exception as exc:
-            if len(requests) == 1:
-                log.exception("inference failed")
-                return [exc]
-            return [self.execute([r])[0] for r in requests]
+        return run_batch(self.model, [r.image for r in requests], [r.score_threshold for r in requests])
 
     def drain(self) -> None:
         """Readiness off (SIGTERM); requests are still served until ``stop``."""
@@ -183,21 +174,16 @@ class Pipeline:
         decode_s = time.perf_counter() - decode_started
         inferred = await self.infer(slot, BatchItem(resized, options.score_threshold))
         post_started = time.perf_counter()
-        pred = select_detections(inferred.prediction, options)
-        masks = await self.in_pool(encode_detections, pred, options) if options.rle or options.polygons else None
+        done = await self.in_pool(finish, inferred.prediction, options)
         postprocess_s = time.perf_counter() - post_started
         self.metrics.postprocess.observe(postprocess_s)
-        self.metrics.detections.inc(len(pred.scores))
-        return Segmented(pred, masks, inferred, decode_s, postprocess_s)
+        self.metrics.detections.inc(len(done.prediction.scores))
+        return Segmented(done.prediction, done.masks, inferred, decode_s, postprocess_s)
 
     def _prepare(self, image: bytes | np.ndarray) -> Resized:
         """Worker thread: the image checked against the limits (before decoding), decoded, resized by the
         model's policy."""
-        if isinstance(image, np.ndarray):
-            check_size(image.shape[1], image.shape[0], self.settings.max_image_pixels)
-        else:
-            image = decode_image(image, self.settings.max_image_pixels)
-        return self.model.resize(image)
+        return prepare(self.model, image, self.settings.max_image_pixels)
 
     async def infer(self, slot: Slot[BatchItem, Prediction], request: BatchItem) -> Inferred:
         """The request's detections, from whichever batch it joins."""
