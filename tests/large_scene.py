@@ -6,6 +6,8 @@ The demo model learnt objects of 0.16 to 0.5 of a 256-640 px image's short side,
 80 px at its input (short side 320). Radii of 60 to 110 px here become 6 to 12 px when the whole image is
 shrunk to 426 x 320 (too small for it) and 30 to 55 px in tiles of 640 shrunk to 320.
 
+``seam_objects`` places objects no tile sees whole; ``scores`` measures an answer against the scene.
+
 Masks are kept box-local (a 12-megapixel mask per object would cost 12 MB each); ``rle`` gives each as a
 full-image COCO RLE for pycocotools' IoU.
 """
@@ -15,10 +17,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
+
+if TYPE_CHECKING:
+    from service.core.tiling import Window
 
 KINDS = ("circle", "square", "triangle", "star")  # class ids 1..4, as the demo model's
 RADII = (60, 110)
@@ -118,3 +124,37 @@ def large_scene(
         shapes.append(Shape(label, x - r + int(xs.min()), y - r + int(ys.min()),
                             block[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]))
     return LargeScene(np.clip(canvas, 0, 255).astype(np.uint8), shapes)
+
+
+def seam_objects(tiles: list[Window]) -> list[tuple[int, int, int]]:
+    """Objects of radius 100 centred in the strips neighbouring tiles share (160 px wide with tiles=auto on
+    4000 x 3000): no tile sees them whole."""
+    xs, ys = sorted({t.x0 for t in tiles}), sorted({t.y0 for t in tiles})
+    side = tiles[0].width
+    placed = [((a + b + side) // 2, ys[1 + k % (len(ys) - 2)] + side // 2, 100) for k, (a, b) in
+              enumerate(zip(xs, xs[1:], strict=False))]
+    placed += [(xs[1 + k % (len(xs) - 2)] + side // 2, (a + b + side) // 2, 100) for k, (a, b) in
+               enumerate(zip(ys, ys[1:], strict=False))]
+    return placed
+
+
+def scores(found: dict[str, Any], scene: LargeScene, tiles: list[Window]) -> dict[str, object]:
+    """Recall and precision at mask IoU 0.5 against the scene's objects (same class), the objects no tile saw
+    whole with the number of detections mostly inside each and their best IoU, and the same-class pairs of
+    detections overlapping by IoU > 0.5."""
+    dets = found["detections"]
+    truth, labels = scene.rles(), np.array([s.label for s in scene.shapes])
+    rles = [d["mask"] for d in dets]
+    classes = np.array([d["class_id"] for d in dets], np.int64)
+    if not rles:
+        return {"recall": 0.0, "precision": 0.0}
+    same = classes[:, None] == labels[None]
+    iou = np.asarray(mask_utils.iou(rles, truth, [0] * len(truth))) * same
+    inside = np.asarray(mask_utils.iou(rles, truth, [1] * len(truth))) * same  # share of each detection in it
+    cut = [i for i, s in enumerate(scene.shapes)
+           if not any(t.x0 <= s.box[0] and t.y0 <= s.box[1] and t.x1 >= s.box[2] and t.y1 >= s.box[3] for t in tiles)]
+    pairs = np.asarray(mask_utils.iou(rles, rles, [0] * len(rles))) * (classes[:, None] == classes[None])
+    np.fill_diagonal(pairs, 0)
+    return {"recall": float((iou.max(axis=0) >= 0.5).mean()), "precision": float((iou.max(axis=1) >= 0.5).mean()),
+            "cut": [(int((inside[:, i] >= 0.5).sum()), float(iou[:, i].max())) for i in cut],
+            "duplicates": int((pairs > 0.5).sum() // 2)}

@@ -5,8 +5,10 @@ without (docs/tiling.md)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import cv2
 import httpx
@@ -29,7 +31,7 @@ from service.core.tiling import (
 )
 from tests.conftest import KnownImage
 from tests.helpers import ServerThread, encode, metric_values, sample
-from tests.large_scene import LargeScene, large_scene
+from tests.large_scene import large_scene, scores, seam_objects
 
 POLICY = {"min_size": 320, "max_size": 533}  # the demo model's (models/demo/README.md)
 BIG = (3000, 4000)  # height, width: the policy shrinks it to 320 x 426, 9.4 times
@@ -278,40 +280,6 @@ def test_the_tile_cap_is_enforced(demo_server: ServerThread) -> None:
     assert ok.status_code == 200 and ok.json()["tiles"] == 5 and ok.json()["detections"] == []
 
 
-def seam_objects(tiles: list[Window]) -> list[tuple[int, int, int]]:
-    """Objects of radius 100 centred in the strips neighbouring tiles share (160 px wide with tiles=auto on
-    BIG): no tile sees them whole."""
-    xs, ys = sorted({t.x0 for t in tiles}), sorted({t.y0 for t in tiles})
-    side = tiles[0].width
-    placed = [((a + b + side) // 2, ys[1 + k % (len(ys) - 2)] + side // 2, 100) for k, (a, b) in
-              enumerate(zip(xs, xs[1:], strict=False))]
-    placed += [(xs[1 + k % (len(xs) - 2)] + side // 2, (a + b + side) // 2, 100) for k, (a, b) in
-               enumerate(zip(ys, ys[1:], strict=False))]
-    return placed
-
-
-def scores(found: dict, scene: LargeScene, tiles: list[Window]) -> dict[str, object]:
-    """Recall and precision at mask IoU 0.5 against the scene's objects (same class), the objects no tile saw
-    whole with the number of detections mostly inside each and their best IoU, and the same-class pairs of
-    detections overlapping by IoU > 0.5."""
-    dets = found["detections"]
-    truth, labels = scene.rles(), np.array([s.label for s in scene.shapes])
-    rles = [d["mask"] for d in dets]
-    classes = np.array([d["class_id"] for d in dets], np.int64)
-    if not rles:
-        return {"recall": 0.0, "precision": 0.0}
-    same = classes[:, None] == labels[None]
-    iou = np.asarray(mask_utils.iou(rles, truth, [0] * len(truth))) * same
-    inside = np.asarray(mask_utils.iou(rles, truth, [1] * len(truth))) * same  # share of each detection in it
-    cut = [i for i, s in enumerate(scene.shapes)
-           if not any(t.x0 <= s.box[0] and t.y0 <= s.box[1] and t.x1 >= s.box[2] and t.y1 >= s.box[3] for t in tiles)]
-    pairs = np.asarray(mask_utils.iou(rles, rles, [0] * len(rles))) * (classes[:, None] == classes[None])
-    np.fill_diagonal(pairs, 0)
-    return {"recall": float((iou.max(axis=0) >= 0.5).mean()), "precision": float((iou.max(axis=1) >= 0.5).mean()),
-            "cut": [(int((inside[:, i] >= 0.5).sum()), float(iou[:, i].max())) for i in cut],
-            "duplicates": int((pairs > 0.5).sum() // 2)}
-
-
 @pytest.mark.slow
 def test_tiles_auto_finds_the_small_objects_of_a_large_image(tiling_server: ServerThread) -> None:
     tiles = plan_tiles(TileSpec("auto"), *BIG, 0.2, **POLICY, max_tiles=CAP)
@@ -333,3 +301,30 @@ def test_tiles_auto_finds_the_small_objects_of_a_large_image(tiling_server: Serv
     values = metric_values(httpx.get(f"{tiling_server.url}/metrics").text)
     assert sample(values, "mrcnn_tiles_per_request_bucket", le="48.0") - sample(
         values, "mrcnn_tiles_per_request_bucket", le="32.0") >= 1
+
+
+@pytest.mark.slow
+def test_every_door_tiles_alike(demo_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """/segment, the Open Inference Protocol's parameters (tritonclient), the Python client and its command
+    all take the tiling options and give the same stitched detections."""
+    import tritonclient.http as httpclient
+
+    from service.client import SegmentClient, main
+
+    scene = large_scene(3, (1200, 1600), count=12)
+    path = tmp_path / "scene.png"
+    path.write_bytes(encode(scene.image))
+    options = {"tiles": "2x2", "tile_overlap": 0.25, "score_threshold": 0.5}
+    body = SegmentClient(demo_server.url, timeout=600).request(path, **options)
+    assert body["tiles"] == 4 and len(body["detections"]) >= 10
+    triton = httpclient.InferenceServerClient(demo_server.url.removeprefix("http://"))
+    image = httpclient.InferInput("IMAGE", [1], "BYTES")
+    image.set_data_from_numpy(np.array([path.read_bytes()], dtype=object))
+    name = httpx.get(f"{demo_server.url}/v1/model").json()["name"]
+    result = triton.infer(name, [image], parameters=options)
+    np.testing.assert_allclose(result.as_numpy("boxes"), [d["box"] for d in body["detections"]], atol=0.006)
+    assert [json.loads(m) for m in result.as_numpy("masks")] == [d["mask"] for d in body["detections"]]
+    assert main([str(path), "--url", demo_server.url, "--out", str(tmp_path), "--tiles", "2x2", "--tile-overlap",
+                 "0.25", "--score-threshold", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["detections"] == body["detections"]
+    assert (tmp_path / "scene.overlay.png").is_file()
