@@ -6,6 +6,8 @@ batches: it takes the first waiting job, then waits at most ``max_wait_s`` for c
 admitted requests are still on their way (decoding), so a lone request never pays the wait. The batch runs in
 a single inference thread (one ORT call); each job's future gets exactly its own result, or its own error,
 by position. A job whose caller gave up (deadline, disconnect) is cancelled and dropped before it runs.
+A request that sends several images (a tiled one) first holds one place of the capacity per image
+(``slot.hold(n)``, or QueueFull at once), then submits them.
 """
 
 from __future__ import annotations
