@@ -93,7 +93,8 @@ class SegmentClient:
 
     def request(self, image: str | os.PathLike[str] | bytes, **options: object) -> dict[str, Any]:
         """POST /segment: the parsed response. ``options`` are /segment's (score_threshold,
-        max_detections, classes, formats; lists may be given as lists); formats defaults to rle."""
+        max_detections, classes, formats, tiles, tile_overlap, tile_full_image; lists may be given as lists);
+        formats defaults to rle."""
         unknown = sorted(set(options) - set(OPTION_NAMES))
         if unknown:
             raise TypeError(f"unknown option(s) {unknown}; /segment takes {list(OPTION_NAMES)}")
@@ -186,6 +187,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--score-threshold", type=float, help="drop detections at or below it (default: the server's)")
     p.add_argument("--max-detections", type=int)
     p.add_argument("--classes", help="class names to keep, comma-separated")
+    p.add_argument("--tiles", help="sliced inference for large images: auto, a grid CxR, a window Spx or WxHpx "
+                   "(default: none)")
+    p.add_argument("--tile-overlap", type=float, help="share of a tile its neighbour sees too (default: 0.2)")
+    p.add_argument("--tile-full-image", action="store_true", help="with --tiles, also run the whole image")
     p.add_argument("--json", action="store_true", help="print each raw response (one line each) instead of a table")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     return p.parse_args(argv)
@@ -221,7 +226,8 @@ def segment_images(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     client = SegmentClient(args.url, args.timeout)
     options = {"score_threshold": args.score_threshold, "max_detections": args.max_detections,
-               "classes": args.classes}
+               "classes": args.classes, "tiles": args.tiles, "tile_overlap": args.tile_overlap,
+               "tile_full_image": args.tile_full_image or None}
     failed = False
     written: set[Path] = set()
     for path in args.images:

@@ -235,3 +235,25 @@ def test_oversized_file_shows_the_servers_413_message(page, tmp_path: Path) -> N
     # The only console error is the browser's own note of the refused request.
     (logged,) = console_errors(page)
     assert "/segment" in logged and "413" in logged
+
+
+@pytest.mark.browser
+def test_the_tiling_toggle_sends_the_image_again_with_tiles_auto(page, tmp_path: Path) -> None:
+    from tests.helpers import encode
+    from tests.large_scene import large_scene
+
+    path = tmp_path / "large.jpg"  # shrunk 7.5 times by the policy: its shapes are too small for the model
+    path.write_bytes(encode(large_scene(5, (2400, 3200), count=20).image, "JPEG", quality=90))
+    page.find_element(By.CSS_SELECTOR, "input#image").send_keys(str(path))
+    timings = page.find_element(By.ID, "timings")
+    WebDriverWait(page, WAIT_S).until(lambda d: "total" in timings.text)
+    assert "tiles" not in timings.text
+    untiled = items(page)
+    toggle = page.find_element(By.CSS_SELECTOR, "input#tiles")
+    toggle.click()
+    WebDriverWait(page, WAIT_S).until(lambda d: "· 30 tiles" in timings.text)
+    assert len(items(page)) >= 18 > len(untiled)
+    toggle.click()
+    WebDriverWait(page, WAIT_S).until(lambda d: "total" in timings.text and "tiles" not in timings.text)
+    assert items(page) == untiled
+    assert console_errors(page) == []

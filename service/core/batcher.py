@@ -6,6 +6,8 @@ batches: it takes the first waiting job, then waits at most ``max_wait_s`` for c
 admitted requests are still on their way (decoding), so a lone request never pays the wait. The batch runs in
 a single inference thread (one ORT call); each job's future gets exactly its own result, or its own error,
 by position. A job whose caller gave up (deadline, disconnect) is cancelled and dropped before it runs.
+A request that sends several images (a tiled one) first holds one place of the capacity per image
+(``slot.hold(n)``, or QueueFull at once), then submits them.
 """
 
 from __future__ import annotations
@@ -57,17 +59,26 @@ class Slot(Generic[P, R]):
     def __init__(self, batcher: DynamicBatcher[P, R]) -> None:
         self._batcher = batcher
         self.submitted = False
+        self.places = 1  # of the batcher's capacity: one, or one per image of a tiled request (``hold``)
+        self.jobs = 0
+
+    def hold(self, places: int) -> None:
+        """Count this request as ``places`` requests against the capacity (a tiled request: one per image
+        it sends to the model), so that admitted work stays bounded; QueueFull at once when they are not
+        free. It may then submit that many payloads."""
+        self._batcher._hold(self, places)
 
     def submit(self, payload: P) -> Job[P, R]:
-        """Queue the payload; await ``job.future`` for this request's own result.
+        """Queue the payload; await ``job.future`` for this request's own result. Once per place held.
 
         Cancelling the future (e.g. ``asyncio.timeout`` around the await) drops the job if it has not
         started; if its batch is already running, the result is discarded.
         """
-        if self.submitted:
-            raise RuntimeError("a slot submits once")
-        job = self._batcher._enqueue(payload)
+        if self.jobs >= self.places:
+            raise RuntimeError("a slot submits once per place it holds")
+        job = self._batcher._enqueue(payload, arrived=not self.submitted)
         self.submitted = True
+        self.jobs += 1
         return job
 
 
@@ -133,12 +144,21 @@ class DynamicBatcher(Generic[P, R]):
         finally:
             if not slot.submitted:
                 self.arriving -= 1
-            self.admitted -= 1
+            self.admitted -= slot.places
 
-    def _enqueue(self, payload: P) -> Job[P, R]:
+    def _hold(self, slot: Slot[P, R], places: int) -> None:
+        more = places - slot.places
+        if more > 0 and self.admitted + more > self.capacity:
+            raise QueueFull(f"{self.admitted} requests in progress (capacity {self.capacity}); this one needs "
+                            f"{places} places (one per image it sends to the model)")
+        self.admitted += max(more, 0)
+        slot.places = max(places, slot.places)
+
+    def _enqueue(self, payload: P, arrived: bool = True) -> Job[P, R]:
         if self._queue is None:
             raise RuntimeError("DynamicBatcher.start() was not called")
-        self.arriving -= 1
+        if arrived:  # the request's first job: it is no longer on its way
+            self.arriving -= 1
         job: Job[P, R] = Job(payload, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(job)
         self._depth()

@@ -16,6 +16,7 @@ LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 4.0, 6.0, 10.0, 30.0,
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+TILE_BUCKETS = (1, 2, 4, 6, 9, 12, 16, 24, 32, 48, 64, 96, 128)
 Route = Literal["segment", "v2"]
 ROUTES: tuple[Route, ...] = typing.get_args(Route)
 
@@ -47,6 +48,9 @@ class Metrics:
                                  ["route"], registry=r)
         for route in ROUTES:
             self.in_progress.labels(route)
+        self.tiles = Histogram("mrcnn_tiles_per_request", "Images one request sent to the model: its tiles "
+                               "(and the whole image when asked), 1 when run whole.", buckets=TILE_BUCKETS,
+                               registry=r)
         self.detections = Counter("mrcnn_detections", "Detections returned.", registry=r)
         self.model = Info("mrcnn_model", "The model being served.", registry=r)
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from contract import GraphMetadata
 from service.core.errors import InvalidOption
+from service.core.tiling import DEFAULT_OVERLAP, MAX_OVERLAP, SPEC_HELP, Tiling, parse_tiles
 
 Format = Literal["rle", "polygons"]
 FORMATS: tuple[Format, ...] = typing.get_args(Format)
@@ -37,6 +38,16 @@ class SegmentOptions(BaseModel):
     formats: list[Format] | None = Field(
         None, min_length=1, description="Mask encodings: rle, polygons, or both (the default)"
     )
+    tiles: str | None = Field(
+        None, description=f"Sliced inference for large images (docs/tiling.md): {SPEC_HELP}; default none"
+    )
+    tile_overlap: float | None = Field(
+        None, ge=0.0, lt=MAX_OVERLAP, description=f"Share of a tile its neighbour sees too (default {DEFAULT_OVERLAP})"
+    )
+    tile_full_image: bool | None = Field(
+        None, description="With tiles, also run the whole image at the model's size, so large objects are not "
+        "only seen in pieces (default false)"
+    )
 
     @field_validator("classes", "formats", mode="before")
     @classmethod
@@ -45,6 +56,15 @@ class SegmentOptions(BaseModel):
         items = [value] if isinstance(value, str) else value
         if isinstance(items, list) and all(isinstance(v, str) for v in items):
             return [part.strip() for item in items for part in item.split(",") if part.strip()]
+        return value
+
+    @field_validator("tiles")
+    @classmethod
+    def _check_tiles(cls, value: str | None) -> str | None:
+        """A ``tiles`` value that ``parse_tiles`` reads, lower-cased."""
+        if value is not None:
+            parse_tiles(value)
+            return value.strip().lower()
         return value
 
     @classmethod
@@ -83,6 +103,7 @@ class Resolved:
     labels: np.ndarray | None  # int64 labels to keep, or None for all
     rle: bool
     polygons: bool
+    tiling: Tiling | None = None  # None: the image is run whole
 
 
 def resolve(options: SegmentOptions, default_threshold: float, info: GraphMetadata) -> Resolved:
@@ -104,4 +125,14 @@ def resolve(options: SegmentOptions, default_threshold: float, info: GraphMetada
         labels=labels,
         rle="rle" in formats,
         polygons="polygons" in formats,
+        tiling=resolve_tiling(options),
     )
+
+
+def resolve_tiling(options: SegmentOptions) -> Tiling | None:
+    """The request's tiling with the defaults filled in; None when it asks for none."""
+    spec = parse_tiles(options.tiles or "none")
+    if spec is None:
+        return None
+    overlap = DEFAULT_OVERLAP if options.tile_overlap is None else options.tile_overlap
+    return Tiling(spec, overlap, bool(options.tile_full_image))

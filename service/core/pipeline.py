@@ -19,19 +19,21 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 
 from service.core.batcher import BatchStats, Draining, DynamicBatcher, QueueFull, Slot
-from service.core.errors import DeadlineExceeded, InternalError, ServiceError, Unavailable
+from service.core.errors import DeadlineExceeded, InternalError, InvalidOption, ServiceError, Unavailable
 from service.core.metrics import Metrics, Route
 from service.core.options import Resolved
-from service.core.postprocess import EncodedMasks
+from service.core.postprocess import EncodedMasks, encode_local, select_detections
 from service.core.runtime import OnnxModel, Prediction, Resized
-from service.core.segmentation import finish, prepare, run_batch
+from service.core.segmentation import decode, finish, prepare, run_batch
 from service.core.settings import Settings
+from service.core.stitching import local_masks, merge, tile_pieces
+from service.core.tiling import Tiling, TooManyTiles, Window, plan_tiles
 
 log = logging.getLogger("service")
 T = TypeVar("T")
@@ -66,6 +68,15 @@ class Segmented:
     inferred: Inferred
     decode_s: float
     postprocess_s: float
+    tiles: int = 1  # images sent to the model: its tiles (and the whole image when asked), 1 when run whole
+
+
+@dataclass(frozen=True)
+class Sliced:
+    """A decoded image and the windows it is to be run in (service/core/tiling.py), None to run it whole."""
+
+    pixels: np.ndarray
+    views: list[Window] | None
 
 
 class Pipeline:
@@ -170,6 +181,12 @@ class Pipeline:
         [H, W, 3]), infer in whichever batch it joins, keep the detections ``options`` asks for and encode
         only the mask formats it asks for."""
         decode_started = time.perf_counter()
+        if options.tiling is not None:
+            sliced = await self.in_pool(self._slice, image, options.tiling)
+            if sliced.views is not None:
+                return await self.segment_tiles(slot, sliced, options, decode_started)
+            image = sliced.pixels
+        self.metrics.tiles.observe(1)
         resized = await self.in_pool(self._prepare, image)
         decode_s = time.perf_counter() - decode_started
         inferred = await self.infer(slot, BatchItem(resized, options.score_threshold))
@@ -179,6 +196,69 @@ class Pipeline:
         self.metrics.postprocess.observe(postprocess_s)
         self.metrics.detections.inc(len(done.prediction.scores))
         return Segmented(done.prediction, done.masks, inferred, decode_s, postprocess_s)
+
+    async def segment_tiles(
+        self, slot: Slot[BatchItem, Prediction], sliced: Sliced, options: Resolved, decode_started: float
+    ) -> Segmented:
+        """A tiled request's work: its tiles (and the whole image when asked) hold one place each of the
+        server's capacity and run through the batcher a batch at a time, so that requests queued meanwhile
+        wait for at most one batch of them; their detections are stitched back into one answer."""
+        height, width = sliced.pixels.shape[:2]
+        views = list(sliced.views or [])
+        if options.tiling is not None and options.tiling.full_image:
+            views.append(Window(0, 0, width, height))
+        slot.hold(len(views))
+        items = await self.in_pool(self._resize_views, sliced.pixels, views)
+        decode_s = time.perf_counter() - decode_started
+        self.metrics.tiles.observe(len(views))
+        preds: list[Prediction] = []
+        queue_s = run_s = 0.0
+        biggest = 0
+        for first in range(0, len(items), self.batcher.max_batch_size):
+            jobs = [slot.submit(BatchItem(item, options.score_threshold))
+                    for item in items[first : first + self.batcher.max_batch_size]]
+            preds.extend(await asyncio.gather(*(job.future for job in jobs)))
+            queue_s += max(job.queue_s for job in jobs)
+            run_s += max(job.run_s for job in jobs)
+            biggest = max(biggest, *(job.batch_size for job in jobs))
+        post_started = time.perf_counter()
+        pred, masks = await self.in_pool(self._stitch, preds, views, options, (height, width))
+        postprocess_s = time.perf_counter() - post_started
+        self.metrics.postprocess.observe(postprocess_s)
+        self.metrics.detections.inc(len(pred.scores))
+        return Segmented(pred, masks, Inferred(pred, queue_s, run_s, biggest), decode_s, postprocess_s, len(views))
+
+    def _slice(self, image: bytes | np.ndarray, tiling: Tiling) -> Sliced:
+        """Worker thread: the image checked and decoded, and its tiles under the server's cap (InvalidOption
+        past it); no tiles when it is to run whole."""
+        image = decode(image, self.settings.max_image_pixels)
+        info = self.model.metadata
+        cap = max(min(self.settings.max_tiles, self.settings.queue_capacity - tiling.full_image), 1)
+        try:
+            views = plan_tiles(tiling.spec, image.shape[0], image.shape[1], tiling.overlap, info.min_size,
+                               info.max_size, cap)
+        except TooManyTiles as exc:
+            raise InvalidOption("too_many_tiles", f"tiles: {exc}") from None
+        return Sliced(image, views)
+
+    def _resize_views(self, pixels: np.ndarray, views: list[Window]) -> list[Resized]:
+        """Worker thread: each window cut at the original resolution and resized by the model's policy."""
+        return [self.model.resize(np.ascontiguousarray(pixels[v.y0 : v.y1, v.x0 : v.x1])) for v in views]
+
+    def _stitch(
+        self, preds: list[Prediction], views: list[Window], options: Resolved, image_size: tuple[int, int]
+    ) -> tuple[Prediction, EncodedMasks | None]:
+        """Worker thread: the tiles' detections of the request's classes shifted back and merged across the
+        seams, at most its count, their masks encoded as it asked."""
+        every = replace(options, max_detections=None)
+        merged = merge(tile_pieces([select_detections(p, every) for p in preds], views))
+        merged = merged.select(np.arange(min(len(merged), options.max_detections or len(merged))))
+        masks = None
+        if options.rle or options.polygons:
+            masks = encode_local(local_masks(merged, image_size), options.rle, options.polygons)
+        # The masks are pasted and merged already: the prediction carries none of the model's m x m ones.
+        empty = np.zeros((len(merged), 0, 0), np.float32)
+        return Prediction(merged.boxes, merged.scores, merged.labels, empty, image_size), masks
 
     def _prepare(self, image: bytes | np.ndarray) -> Resized:
         """Worker thread: the image checked against the limits (before decoding), decoded, resized by the

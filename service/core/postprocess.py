@@ -264,7 +264,12 @@ def encode_masks(
     threshold: float = MASK_THRESHOLD,
 ) -> EncodedMasks:
     """Full post-processing of one image's detections: paste box-locally, then RLE, area, polygons."""
-    local = paste_local(masks, boxes, image_size, threshold)
+    return encode_local(paste_local(masks, boxes, image_size, threshold), rle, polygons)
+
+
+def encode_local(local: LocalMasks, rle: bool = True, polygons: bool = True) -> EncodedMasks:
+    """Box-local binary masks (pasted here, or stitched from tiles) as RLE, areas and polygons."""
+    image_size = local.image_size
     n = len(local)
     det, start, end = rle_runs(local)
     areas = np.bincount(det, weights=end - start, minlength=n).astype(np.int64)

@@ -33,14 +33,18 @@ class Segmentation:
     masks: EncodedMasks | None  # None when the options ask for no mask encoding
 
 
-def prepare(model: OnnxModel, image: bytes | npt.NDArray[np.uint8], max_pixels: int) -> Resized:
-    """An encoded file or RGB uint8 pixels [H, W, 3], checked against the pixel limit (before decoding),
-    decoded and resized by the model's policy; a ServiceError saying what is wrong with it otherwise."""
+def decode(image: bytes | npt.NDArray[np.uint8], max_pixels: int) -> npt.NDArray[np.uint8]:
+    """An encoded file or RGB uint8 pixels [H, W, 3], checked against the pixel limit (before decoding) and
+    decoded; a ServiceError saying what is wrong with it otherwise."""
     if isinstance(image, np.ndarray):
         check_size(image.shape[1], image.shape[0], max_pixels)
-    else:
-        image = decode_image(image, max_pixels)
-    return model.resize(image)
+        return image
+    return decode_image(image, max_pixels)
+
+
+def prepare(model: OnnxModel, image: bytes | npt.NDArray[np.uint8], max_pixels: int) -> Resized:
+    """``decode``, then resized by the model's policy (tiling resizes each of its windows instead)."""
+    return model.resize(decode(image, max_pixels))
 
 
 def run_batch(model: OnnxModel, images: Sequence[Resized], thresholds: Sequence[float]) -> list[Prediction | Exception]:

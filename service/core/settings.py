@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline; past it, 504.")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest body accepted (413).")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest width x height accepted (413).")
+    max_tiles: int = Field(
+        48, ge=1, description="Most tiles one request may be cut into (422 beyond; tiles=auto grows its tiles "
+        "instead); each tile holds one place of the queue capacity, which also caps them."
+    )
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Default detection score threshold.")
     worker_threads: int = Field(2, ge=1, description="Threads for decoding and post-processing.")
     warmup: bool = Field(True, description="Run one inference before reporting ready.")

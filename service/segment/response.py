@@ -30,20 +30,21 @@ def detection_dicts(pred: Prediction, encoded: EncodedMasks, class_names: list[s
 
 def response_body(
     pred: Prediction, encoded: EncodedMasks, info: GraphMetadata, batch_size: int, timings: dict[str, float],
-    started: float,
+    started: float, tiles: int = 1,
 ) -> bytes:
     """The response body (schemas.SegmentResponse). The detections, by far the largest part, are encoded
-    first, so that ``total_ms`` (from ``started``, a perf_counter reading) includes their JSON time."""
+    first, so that ``total_ms`` (from ``started``, a perf_counter reading) includes their JSON time. ``tiles``
+    is written only for a tiled request (more than one image sent to the model)."""
     height, width = pred.image_size
-    body = json.dumps(
-        {
-            "image": {"width": width, "height": height},
-            "model": {"name": info.model_name, "version": info.model_version},
-            "batch_size": batch_size,
-            "detections": detection_dicts(pred, encoded, info.class_names),
-        },
-        separators=(",", ":"),
-    )
+    head: dict[str, object] = {
+        "image": {"width": width, "height": height},
+        "model": {"name": info.model_name, "version": info.model_version},
+        "batch_size": batch_size,
+    }
+    if tiles > 1:
+        head["tiles"] = tiles
+    body = json.dumps({**head, "detections": detection_dicts(pred, encoded, info.class_names)},
+                      separators=(",", ":"))
     timings = {**timings, "total_ms": (time.perf_counter() - started) * 1e3}
     rounded = json.dumps({k: round(v, 3) for k, v in timings.items()}, separators=(",", ":"))
     # The timings are the last member: the body is one JSON object, so they go before its closing brace.

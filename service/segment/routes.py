@@ -39,7 +39,7 @@ async def segment_one(pipeline: Pipeline, request: Request, options: SegmentOpti
         timings = {"decode_ms": done.decode_s * 1e3, "queue_ms": done.inferred.queue_s * 1e3,
                    "inference_ms": done.inferred.run_s * 1e3, "postprocess_ms": done.postprocess_s * 1e3}
         body = await pipeline.in_pool(response_body, done.prediction, done.masks, info, done.inferred.batch_size,
-                                      timings, started)
+                                      timings, started, done.tiles)
     return Response(body, media_type="application/json")
 
 

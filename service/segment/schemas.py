@@ -49,7 +49,10 @@ class Timings(BaseModel):
 class SegmentResponse(BaseModel):
     image: ImageInfo
     model: ModelRef
-    batch_size: int = Field(description="Images in the ONNX Runtime call that served this request")
+    batch_size: int = Field(description="Images in the ONNX Runtime call that served this request (tiled: the "
+                            "largest of its calls)")
+    tiles: int | None = Field(None, description="Images a tiled request sent to the model: its tiles, and the "
+                              "whole image when asked (absent when the image was run whole)")
     detections: list[Detection]
     timings: Timings
 

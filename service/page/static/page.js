@@ -1,7 +1,8 @@
 "use strict";
 // The page at GET /: an image goes to POST /segment (formats=rle, at the model's own low score
 // threshold), and every returned mask is drawn from its COCO RLE over the image. The score slider and
-// the class toggles then filter what is drawn without a new request. The drawing style (palette, mask
+// the class toggles then filter what is drawn without a new request; the tiling toggle sends the image
+// again with tiles=auto (or without). The drawing style (palette, mask
 // blend, line and font sizes) comes from GET page.json, the same values service/overlay.py draws with;
 // the rules are written down there. All URLs are relative, so the page also works under a path prefix.
 
@@ -17,6 +18,7 @@ const state = {
   shown: [],         // the detections that pass the filters, best first
   hovered: null,     // the detection under the pointer in the list
   upload: 0,         // counter: only the latest upload's answer is drawn
+  file: null,        // the latest image chosen, sent again when the tiling toggle changes
 };
 
 // ---- COCO RLE ------------------------------------------------------------------------------------
@@ -276,10 +278,11 @@ function showTimings(body) {
   const parts = [["decode", t.decode_ms], ["queue", t.queue_ms], ["inference", t.inference_ms],
                  ["post-processing", t.postprocess_ms], ["total", t.total_ms]];
   $("#timings").textContent = `${parts.map(([k, v]) => `${k} ${v.toFixed(1)} ms`).join(" · ")}`
-    + ` · batch of ${body.batch_size}`;
+    + ` · batch of ${body.batch_size}` + (body.tiles ? ` · ${body.tiles} tiles` : "");
 }
 
 async function upload(file) {
+  state.file = file;  // the tiling toggle sends it again
   const upload = ++state.upload;
   showError("");
   Object.assign(state, { base: null, answered: false, detections: [], hovered: null });
@@ -292,6 +295,7 @@ async function upload(file) {
   form.append("image", file, file.name);
   form.append("formats", "rle");
   form.append("score_threshold", String(state.config.score_threshold));
+  if ($("#tiles").checked) form.append("tiles", "auto");  // a no-op for images the model does not shrink 2x
   let response;
   try {
     response = await fetch("segment", { method: "POST", body: form });
@@ -362,6 +366,7 @@ async function start() {
   slider.value = String(state.config.default_score);
   slider.addEventListener("input", applyFilters);
   $("#boxes").addEventListener("change", paint);
+  $("#tiles").addEventListener("change", () => { if (state.file) upload(state.file); });
   $("#image").addEventListener("change", (event) => {
     const file = event.target.files[0];
     if (file) upload(file);
