@@ -85,6 +85,7 @@ def polygon_mask(points: list[list[float]], width: int, height: int) -> np.ndarr
 def check_brush(prediction: dict[str, Any], expected: dict[str, Any]) -> float:
     """The prediction's brush regions are /segment's detections, in order; returns the smallest mask IoU."""
     regions, detections = prediction["result"], expected["detections"]
+    assert detections
     assert [r["value"]["brushlabels"] for r in regions] == [[d["label"]] for d in detections]
     assert [r["score"] for r in regions] == pytest.approx([d["score"] for d in detections], abs=1e-6)
     ious = [iou(brush_mask(r), coco_mask.decode({**d["mask"], "counts": d["mask"]["counts"].encode()}) > 0)
@@ -99,6 +100,7 @@ def check_polygons(prediction: dict[str, Any], expected: dict[str, Any]) -> floa
     width, height = expected["image"]["width"], expected["image"]["height"]
     outlines = [(d, polygon) for d in expected["detections"] for polygon in d["polygons"]]
     regions = prediction["result"]
+    assert outlines
     assert [r["value"]["polygonlabels"] for r in regions] == [[POLYGON_LABELS[d["label"]]] for d, _ in outlines]
     assert [r["score"] for r in regions] == pytest.approx([d["score"] for d, _ in outlines], abs=1e-6)
     ious = []
@@ -288,7 +290,8 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data_dir, port = tmp_path_factory.mktemp("label-studio"), free_port()
     env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir), "LABEL_STUDIO_USERNAME": "admin@example.com",
            "LABEL_STUDIO_PASSWORD": "not-a-secret-1", "LABEL_STUDIO_USER_TOKEN": TOKEN,
-           "ML_BLOCK_LOCAL_IP": "false",  # our backend is on loopback, which Label Studio refuses by default
+           # Our backend is on loopback, which Label Studio refuses by default for the backend and its webhook.
+           "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false",
            "LATEST_VERSION_CHECK": "false", "DJANGO_DB": "sqlite"}
     log = (data_dir / "label-studio.log").open("wb")
     process = subprocess.Popen([str(binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port",
@@ -335,7 +338,7 @@ def project_with_predictions(label_studio: str, backend: str, config: str, pngs:
 
     ls = LabelStudio(base_url=label_studio, api_key=TOKEN)
     project = ls.projects.create(title="pre-annotation", label_config=config)
-    files = [("file", (f"shapes-{i}.png", png, "image/png")) for i, png in enumerate(pngs)]
+    files = [(f"file{i}", (f"shapes-{i}.png", png, "image/png")) for i, png in enumerate(pngs)]  # a name each
     uploaded = httpx.post(f"{label_studio}/api/projects/{project.id}/import", files=files,
                           headers={"Authorization": f"Token {TOKEN}"}, timeout=120)  # the SDK imports JSON only
     assert uploaded.status_code == 201, uploaded.text
@@ -351,7 +354,7 @@ def project_with_predictions(label_studio: str, backend: str, config: str, pngs:
 def test_label_studio_gets_our_masks_as_predictions(label_studio: str, studio_backend: str, kind: str) -> None:
     """Label Studio 1.23 itself: a project, uploaded images, our server as its ML backend, predictions retrieved
     through Label Studio; each task's stored prediction decoded and compared with /segment on the same file."""
-    pngs = [shapes_png(2), shapes_png(3), shapes_png(4)]
+    pngs = [shapes_png(2), shapes_png(5), shapes_png(11)]  # each with circles and squares, and other shapes
     config = BRUSH_CONFIG if kind == "brush" else POLYGON_CONFIG
     tasks = project_with_predictions(label_studio, studio_backend, config, pngs)
     assert len(tasks) == len(pngs)
