@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Where scripts/install_label_studio.sh puts Label Studio (the same default as there).
 LABEL_STUDIO_VENV = Path(os.environ.get("LABEL_STUDIO_VENV", REPO / ".venv-label-studio"))
 TOKEN = "0123456789abcdef0123456789abcdef01234567"  # a legacy API token, as Label Studio makes them
+LABEL_STUDIO_USER, LABEL_STUDIO_PASSWORD = "admin@example.com", "not-a-secret-1"
 MIN_IOU = 0.98
 BRUSH_CONFIG = """<View><Image name="image" value="$image"/>
 <BrushLabels name="mask" toName="image">
@@ -288,8 +289,8 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip(f"Label Studio is not installed at {binary}: run scripts/install_label_studio.sh "
                     "(or set LABEL_STUDIO_VENV)")
     data_dir, port = tmp_path_factory.mktemp("label-studio"), free_port()
-    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir), "LABEL_STUDIO_USERNAME": "admin@example.com",
-           "LABEL_STUDIO_PASSWORD": "not-a-secret-1", "LABEL_STUDIO_USER_TOKEN": TOKEN,
+    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir), "LABEL_STUDIO_USERNAME": LABEL_STUDIO_USER,
+           "LABEL_STUDIO_PASSWORD": LABEL_STUDIO_PASSWORD, "LABEL_STUDIO_USER_TOKEN": TOKEN,
            # Our backend is on loopback, which Label Studio refuses by default for the backend and its webhook.
            "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false",
            "LATEST_VERSION_CHECK": "false", "DJANGO_DB": "sqlite"}
@@ -372,3 +373,37 @@ def test_label_studio_gets_our_masks_as_predictions(label_studio: str, studio_ba
         print(f"{kind}: task {task_id} ({next(iter(task['data'].values()))}): {len(prediction.result)} regions "
               f"{sorted({r['value'][kind + 'labels'][0] for r in prediction.result})}, score {prediction.score:.3f}, "
               f"model {prediction.model_version}, smallest IoU with /segment {worst:.4f}")
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_prediction_in_label_studios_labeling_page(label_studio: str, studio_backend: str,
+                                                       tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Label Studio's own labeling page in headless Chromium (tests/test_page.py's) shows our prediction: its tab
+    with the model version and the prediction's score; the screenshot goes to $MRCNN_LABEL_STUDIO_SCREENSHOT
+    (docs/images/label_studio.png is one)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_page import WAIT_S, chromium
+
+    tasks = project_with_predictions(label_studio, studio_backend, BRUSH_CONFIG, [shapes_png(2)])
+    [(task_id, task)] = tasks.items()
+    [prediction] = task["predictions"]
+    with chromium(window_size="1400,900") as browser:
+        browser.get(f"{label_studio}/user/login/")
+        browser.find_element(By.NAME, "email").send_keys(LABEL_STUDIO_USER)
+        browser.find_element(By.NAME, "password").send_keys(LABEL_STUDIO_PASSWORD)
+        browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        WebDriverWait(browser, WAIT_S).until(lambda b: "/user/login" not in b.current_url)
+        browser.get(f"{label_studio}/projects/{prediction.project}/data?task={task_id}")
+        tab = WebDriverWait(browser, WAIT_S).until(
+            lambda b: b.find_element(By.XPATH, f"//*[text()='{prediction.model_version}']"))
+        tab.click()  # the prediction itself, not the draft Label Studio prefilled from it
+        assert f"{100 * prediction.score:.2f}%" in browser.find_element(By.TAG_NAME, "body").text
+        ActionChains(browser).move_to_element(browser.find_element(By.XPATH, "//*[text()='Regions']")).perform()
+        WebDriverWait(browser, WAIT_S).until(
+            lambda b: len(b.find_elements(By.XPATH, "//*[text()='Prediction Score']")) == 0)  # its tooltip gone
+        shot = Path(os.environ.get("MRCNN_LABEL_STUDIO_SCREENSHOT") or tmp_path_factory.mktemp("ls") / "ls.png")
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 0

@@ -15,6 +15,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -29,6 +30,7 @@ from service.label_studio.config import Target, target_of
 from service.label_studio.images import LabelStudio, read_task_image
 from service.label_studio.regions import task_prediction
 from service.segment.errors import error_response
+from service.segment.schemas import ErrorResponse
 from service.web.body import check_declared_length, read_body
 from service.web.doors import Door
 
@@ -62,6 +64,39 @@ class Event(BaseModel):
     action: str | None = None
 
 
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its nested models written in place (a request body described in
+    ``openapi_extra`` cannot point at pydantic's ``$defs``)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolved(node: object) -> object:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolved(defs[ref.removeprefix("#/$defs/")])
+            return {key: resolved(value) for key, value in node.items()}
+        return [resolved(value) for value in node] if isinstance(node, list) else node
+
+    return resolved(schema)  # type: ignore[return-value]  # a dict stays a dict
+
+
+def json_request(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads ``model`` as JSON itself (within the upload limit)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(model)}}}}
+
+
+def errors(**described: str) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI description of a route's errors: ``errors(e400="...")`` -> {400: {...}}."""
+    return {int(code[1:]): {"model": ErrorResponse, "description": text} for code, text in described.items()}
+
+
+NOT_A_REQUEST = "The body is not JSON of this request's form"
+TOO_LARGE = "The body, or a task's image, is over the server's byte or pixel limits"
+CONFIG_ERRORS = errors(e400=f"{NOT_A_REQUEST}, or the labeling config does not parse", e413=TOO_LARGE,
+                       e422="The labeling config has no control this model fills in, or none of its labels is a class")
+
+
 def model_version(info: GraphMetadata) -> str:
     """The name Label Studio gives this model's predictions: the graph's name and version."""
     return f"{info.model_name}-{info.model_version}"
@@ -73,13 +108,15 @@ def label_studio_door(pipeline: Pipeline) -> Door:
     info = pipeline.model.metadata
     classes = info.class_names[1:]
 
-    @router.get("/health", summary="Label Studio's check that the backend is up")
+    @router.get("/health", summary="Label Studio's check that the backend is up",
+                responses=errors(e503="Not ready, or shutting down"))
     async def health() -> JSONResponse:
         up = pipeline.state == "ready"
         return JSONResponse({"status": "UP" if up else "DOWN", "model_class": info.architecture,
                              "model_version": model_version(info)}, 200 if up else 503)
 
-    @router.post("/setup", summary="Label Studio connecting a project: its labeling config is checked")
+    @router.post("/setup", summary="Label Studio connecting a project: its labeling config is checked",
+                 responses=CONFIG_ERRORS, openapi_extra=json_request(SetupRequest))
     async def setup(request: Request) -> Response:
         async def work() -> Response:
             body = await json_body(pipeline, request, SetupRequest)
@@ -88,20 +125,24 @@ def label_studio_door(pipeline: Pipeline) -> Door:
 
         return await answer(work)
 
-    @router.post("/predict", summary="Predictions for a batch of Label Studio tasks")
+    @router.post("/predict", summary="Predictions for a batch of Label Studio tasks", openapi_extra=json_request(
+        PredictRequest), responses={**CONFIG_ERRORS, **errors(
+            e400=f"{NOT_A_REQUEST}, the labeling config does not parse, or a task's image cannot be read or decoded",
+            e415="A task's image is in an unsupported format", e503="Queue full or shutting down (see Retry-After)",
+            e504="Past the request deadline")})
     async def predict(request: Request) -> Response:
         async def work() -> Response:
             body = await json_body(pipeline, request, PredictRequest)
             target = target_of(body.label_config, classes)
-            options = resolve(SegmentOptions(classes=list(target.labels)), pipeline.settings.score_threshold, info)
-            options = Resolved(options.score_threshold, options.max_detections, options.labels,
-                               rle=target.kind == "brush", polygons=target.kind == "polygon")
+            options = replace(resolve(SegmentOptions(classes=list(target.labels)), pipeline.settings.score_threshold,
+                                      info), rle=target.kind == "brush", polygons=target.kind == "polygon")
             results = await predict_tasks(pipeline, body.tasks, target, options)
             return JSONResponse({"results": results, "model_version": model_version(info)})
 
         return await pipeline.handle("label_studio", work, error_response, lambda response: response.status_code)
 
-    @router.post("/webhook", summary="Label Studio's project events: acknowledged, no training here")
+    @router.post("/webhook", summary="Label Studio's project events: acknowledged, no training here",
+                 responses=errors(e400=NOT_A_REQUEST, e413=TOO_LARGE), openapi_extra=json_request(Event))
     async def webhook(request: Request) -> Response:
         async def work() -> Response:
             event = await json_body(pipeline, request, Event)
