@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as coco_mask
 
 from tests.conftest import DEMO_MAX_UPLOAD
-from tests.helpers import ServerThread, free_port, iou
+from tests.helpers import ServerThread, free_port, iou, metric_values, sample
 
 REPO = Path(__file__).resolve().parents[1]
 # Where scripts/install_label_studio.sh puts Label Studio (the same default as there).
@@ -198,6 +198,17 @@ def test_setup_refuses_a_config_it_cannot_fill_in(backend: str, schema: str, sta
     assert response.json()["error"]["code"] == code
 
 
+def test_without_label_studio_sdk_the_backend_says_what_to_install(backend: str, monkeypatch) -> None:
+    """The serving image has no annotation extra: connecting a project says so instead of failing obscurely."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "label_studio_sdk.label_interface", None)  # its import now fails
+    response = httpx.post(f"{backend}/label-studio/setup", json={"project": "1.1", "schema": BRUSH_CONFIG})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["code"] == "label_studio_sdk_missing" and "[annotation]" in error["message"]
+
+
 def test_brush_predictions_are_the_segment_masks(backend: str, image_host: tuple[str, list[dict[str, str]]]) -> None:
     """Two tasks in one call (a data URL and a URL on the Label Studio host), one prediction each, in order."""
     pngs = [shapes_png(2), shapes_png(3)]
@@ -213,6 +224,8 @@ def test_brush_predictions_are_the_segment_masks(backend: str, image_host: tuple
         check_brush(prediction, expected)
         assert prediction["model_version"] == response.json()["model_version"]
     assert image_host[1][-1] == {"path": "/data/upload/1/shapes-3.png", "authorization": f"Token {TOKEN}"}
+    metrics = metric_values(httpx.get(f"{backend}/metrics").text)
+    assert sample(metrics, "mrcnn_requests_total", route="label_studio", status="200") >= 1
 
 
 def test_polygon_predictions_map_labels_and_leave_the_others_out(backend: str) -> None:
@@ -332,17 +345,26 @@ def studio_backend(label_studio: str) -> Iterator[str]:
         yield server.url
 
 
-def project_with_predictions(label_studio: str, backend: str, config: str, pngs: list[bytes]) -> dict[str, Any]:
-    """A Label Studio project for ``config`` made through label-studio-sdk, ``pngs`` uploaded as its tasks, our
-    server connected as its model and Label Studio asked for predictions; each task (id, data, predictions)."""
+def project_with_tasks(label_studio: str, config: str, pngs: list[bytes]) -> Any:  # -> the SDK's Project
+    """A Label Studio project for ``config`` made through label-studio-sdk, ``pngs`` uploaded as its tasks."""
     from label_studio_sdk import LabelStudio
 
-    ls = LabelStudio(base_url=label_studio, api_key=TOKEN)
-    project = ls.projects.create(title="pre-annotation", label_config=config)
+    project = LabelStudio(base_url=label_studio, api_key=TOKEN).projects.create(title="pre-annotation",
+                                                                              label_config=config)
     files = [(f"file{i}", (f"shapes-{i}.png", png, "image/png")) for i, png in enumerate(pngs)]  # a name each
     uploaded = httpx.post(f"{label_studio}/api/projects/{project.id}/import", files=files,
                           headers={"Authorization": f"Token {TOKEN}"}, timeout=120)  # the SDK imports JSON only
     assert uploaded.status_code == 201, uploaded.text
+    return project
+
+
+def project_with_predictions(label_studio: str, backend: str, config: str, pngs: list[bytes]) -> dict[str, Any]:
+    """A project with ``pngs`` as its tasks (``project_with_tasks``), our server connected as its model and Label
+    Studio asked for predictions; each task (id, data, predictions)."""
+    from label_studio_sdk import LabelStudio
+
+    ls = LabelStudio(base_url=label_studio, api_key=TOKEN)
+    project = project_with_tasks(label_studio, config, pngs)
     backend_model = ls.ml.create(project=project.id, url=f"{backend}/label-studio", title="Mask R-CNN")
     assert backend_model.state == "CO", backend_model  # connected: health and setup answered
     ls.actions.create(id="retrieve_tasks_predictions", project=project.id, selected_items={"all": True, "excluded": []})
@@ -373,6 +395,29 @@ def test_label_studio_gets_our_masks_as_predictions(label_studio: str, studio_ba
         print(f"{kind}: task {task_id} ({next(iter(task['data'].values()))}): {len(prediction.result)} regions "
               f"{sorted({r['value'][kind + 'labels'][0] for r in prediction.result})}, score {prediction.score:.3f}, "
               f"model {prediction.model_version}, smallest IoU with /segment {worst:.4f}")
+
+
+@pytest.mark.slow
+def test_a_personal_access_token_reads_label_studios_files(label_studio: str) -> None:
+    """With a personal access token (a JWT refresh token) instead of a legacy one, the server exchanges it for an
+    access token and reads the task's uploaded image with it."""
+    from label_studio_sdk import LabelStudio
+
+    from service.app import create_app
+    from service.core.settings import DEFAULT_MODEL_PATH, Settings
+
+    personal = LabelStudio(base_url=label_studio, api_key=TOKEN).tokens.create().token
+    assert personal and personal.count(".") == 2
+    png = shapes_png(2)
+    project = project_with_tasks(label_studio, BRUSH_CONFIG, [png])
+    [task] = LabelStudio(base_url=label_studio, api_key=TOKEN).tasks.list(project=project.id, fields="all")
+    assert task.data["image"].startswith("/data/upload/")
+    settings = Settings(model_path=DEFAULT_MODEL_PATH, max_upload_bytes=DEMO_MAX_UPLOAD, request_timeout_s=600,
+                        label_studio_url=label_studio, label_studio_token=personal)
+    with ServerThread(create_app(settings)) as server:
+        response = predict(server.url, BRUSH_CONFIG, [{"id": task.id, "data": task.data}])
+        assert response.status_code == 200, response.text
+        check_brush(response.json()["results"][0], segment(server.url, png))
 
 
 @pytest.mark.slow

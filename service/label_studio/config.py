@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from service.core.errors import BadRequest, InvalidOption
+from service.core.errors import BadRequest, InternalError, InvalidOption
 
 Kind = Literal["brush", "polygon", "rectangle"]
 # The controls we fill in, richest first, with the key of their labels in a result's value.
@@ -40,9 +40,13 @@ class Target:
 def target_of(label_config: str, class_names: list[str]) -> Target:
     """The control our detections fill in for this config: the richest one on an ``Image`` with a label for at
     least one of ``class_names`` (the model's, without the background). BadRequest for a config that does not
-    parse, InvalidOption for one with nothing we can fill in."""
-    from label_studio_sdk.label_interface import LabelInterface  # the annotation extra; imported on first use
-
+    parse, InvalidOption for one with nothing we can fill in, InternalError without label-studio-sdk (the
+    serving image leaves the annotation extra out)."""
+    try:
+        from label_studio_sdk.label_interface import LabelInterface  # the annotation extra; imported on first use
+    except ImportError:
+        raise InternalError("label_studio_sdk_missing", "this server has no label-studio-sdk, which the Label Studio "
+                            "backend needs: pip install 'maskrcnn-service[annotation]'") from None
     try:
         interface = LabelInterface(label_config)
     except Exception as exc:  # the SDK raises bare XML and its own errors alike
