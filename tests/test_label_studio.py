@@ -169,7 +169,7 @@ def predict(base: str, config: str, tasks: list[dict[str, Any]]) -> httpx.Respon
                                                           "project": "1.1700000000", "params": {}}, timeout=300)
 
 
-def test_health_setup_and_webhook_answer_as_label_studio_expects(backend: str) -> None:
+def test_health_setup_versions_and_webhook_answer_as_label_studio_expects(backend: str) -> None:
     health = httpx.get(f"{backend}/label-studio/health").json()
     assert health["status"] == "UP"
     version = httpx.get(f"{backend}/v1/model").json()
@@ -180,6 +180,11 @@ def test_health_setup_and_webhook_answer_as_label_studio_expects(backend: str) -
     assert setup.status_code == 200 and setup.json() == {"model_version": model_version}
     hook = httpx.post(f"{backend}/label-studio/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {}})
     assert hook.status_code == 200 and hook.json()["action"] == "ANNOTATION_CREATED"
+    assert httpx.get(f"{backend}/label-studio/versions").json() == {"versions": [model_version]}
+    for method, path, status, code in (("GET", "predict", 405, "method_not_allowed"),
+                                       ("POST", "train", 404, "not_found")):  # no training here
+        response = httpx.request(method, f"{backend}/label-studio/{path}")
+        assert response.status_code == status and response.json()["error"]["code"] == code
 
 
 @pytest.mark.parametrize(

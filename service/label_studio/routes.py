@@ -2,7 +2,8 @@
 batcher, limits, deadline, metrics under ``route="label_studio"``): a project connects ``http://HOST:PORT/label-studio``
 as its model.
 
-Label Studio (label_studio/ml/api_connector.py) calls ``GET /health`` (up?), ``POST /setup`` (the project's
+Label Studio (label_studio/ml/api_connector.py) calls ``GET /health`` (up?), ``GET /versions`` (the one model
+version served here), ``POST /setup`` (the project's
 labeling config; the answer's ``model_version`` names its predictions), ``POST /predict`` (a batch of tasks and
 the config; the answer holds one prediction per task, in order) and ``POST /webhook`` (project events, meant
 for training, which this backend does not do: acknowledged and ignored). A failed task fails the whole call,
@@ -114,6 +115,10 @@ def label_studio_door(pipeline: Pipeline) -> Door:
         up = pipeline.state == "ready"
         return JSONResponse({"status": "UP" if up else "DOWN", "model_class": info.architecture,
                              "model_version": model_version(info)}, 200 if up else 503)
+
+    @router.get("/versions", summary="The model versions this backend offers (Label Studio's model settings)")
+    async def versions() -> JSONResponse:
+        return JSONResponse({"versions": [model_version(info)]})
 
     @router.post("/setup", summary="Label Studio connecting a project: its labeling config is checked",
                  responses=CONFIG_ERRORS, openapi_extra=json_request(SetupRequest))
