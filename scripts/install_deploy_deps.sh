@@ -2,8 +2,11 @@
 # Installs the real servers that tests/test_deploy.py starts on loopback:
 # nginx, prometheus and docker-compose (for `docker-compose config`), from Debian's packages.
 # Also the browser that tests/test_page.py drives: Debian's chromium and chromium-driver.
+# And Label Studio, in a virtual environment of its own, for tests/test_label_studio.py.
 # Idempotent: installs only what is missing; a no-op when all three are present.
 set -euo pipefail
+
+bash "$(dirname "$0")/install_label_studio.sh"
 
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)

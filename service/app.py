@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from service.core.pipeline import Pipeline
 from service.core.runtime import ModelLoadError, OnnxModel
 from service.core.settings import Settings
+from service.label_studio.routes import label_studio_door
 from service.oip.routes import oip_door
 from service.page.routes import add_page
 from service.segment.routes import segment_door
@@ -54,7 +55,7 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
         lifespan=lifespan,
     )
     app.state.pipeline = pipeline
-    add_doors(app, [segment_door(pipeline), oip_door(pipeline, API_VERSION)])
+    add_doors(app, [segment_door(pipeline), oip_door(pipeline, API_VERSION), label_studio_door(pipeline)])
     app.include_router(health_router(pipeline))
     add_page(app, pipeline)
     return app

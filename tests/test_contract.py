@@ -28,6 +28,9 @@ WEB_FRAMEWORKS = ("fastapi", "starlette")
         (("model.data.coco",), ("onnxruntime", "cv2", "service")),
         (SERVICE_CORE, ("torch", *WEB_FRAMEWORKS)),
         (("service.app", "service.client", "service.__main__"), ("torch",)),
+        # The annotation tools' glue, with the SDKs it loads (label-studio-sdk's parser and converter, cvat-sdk).
+        (("service.cvat_function", "service.label_studio.config", "service.label_studio.regions",
+          "label_studio_sdk.label_interface", "label_studio_sdk.converter.brush"), ("torch",)),
     ],
 )
 def test_the_import_graph_keeps_its_layers(modules: tuple[str, ...], absent: tuple[str, ...]) -> None:

@@ -8,6 +8,7 @@ canvas with getImageData and compared with the image and with service/overlay.py
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -37,7 +38,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Headless as root in a container; the last four keep chromium from calling home on a closed network.
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                  "--no-proxy-server", "--window-size=1100,860", "--disable-background-networking",
+                  "--no-proxy-server", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-default-apps")
 WAIT_S = 120  # an upload waits for CPU inference on a machine shared with other test runs
 # getImageData of the canvas as base64 (in chunks: String.fromCharCode takes a bounded argument list).
@@ -61,14 +62,16 @@ return btoa(text);
 """
 
 
-@pytest.fixture(scope="module")
-def driver() -> Iterator:
+@contextlib.contextmanager
+def chromium(window_size: str = "1100,860") -> Iterator:
+    """Debian's chromium, headless, driven through its chromedriver (the test is skipped without them); also
+    tests/test_label_studio.py's browser."""
     if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
         pytest.skip("Debian's chromium and chromium-driver are not installed (scripts/install_deploy_deps.sh)")
     profile = tempfile.mkdtemp(prefix="chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM  # both paths given: Selenium Manager looks nothing up, downloads nothing
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
+    for flag in (*CHROMIUM_FLAGS, f"--window-size={window_size}", f"--user-data-dir={profile}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -77,6 +80,12 @@ def driver() -> Iterator:
     finally:
         browser.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator:
+    with chromium() as browser:
+        yield browser
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """Prometheus metrics of one app instance (its own registry, so several apps can live in one process).
 
 Names are shared with docker/grafana/dashboards/mrcnn.json and tests/test_deploy.py. The request-level
-families carry a ``route`` label, the front door that answered: ``segment`` (POST /segment) or ``v2`` (the
-Open Inference Protocol's infer); the batch-level ones are shared, since both doors feed the same batches.
+families carry a ``route`` label, the front door that answered: ``segment`` (POST /segment), ``v2`` (the
+Open Inference Protocol's infer) or ``label_studio`` (its ML backend's predict); the batch-level ones are shared,
+since every door feeds the same batches.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 TILE_BUCKETS = (1, 2, 4, 6, 9, 12, 16, 24, 32, 48, 64, 96, 128)
-Route = Literal["segment", "v2"]
+Route = Literal["segment", "v2", "label_studio"]
 ROUTES: tuple[Route, ...] = typing.get_args(Route)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "demo" / "model.onnx"
@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(
         0.0, ge=0, description="After SIGTERM, keep serving this long with /readyz at 503 before closing."
     )
+    # Label Studio ML backend (service/label_studio): where its /data/... task images are read, with this token.
+    label_studio_url: str | None = Field(None, description="Label Studio's base URL, e.g. http://localhost:8080.")
+    label_studio_token: SecretStr | None = Field(None, description="A Label Studio access token (legacy or personal).")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
