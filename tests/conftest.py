@@ -15,6 +15,10 @@ import pytest
 
 from tests.helpers import MAX_PIXELS, MAX_UPLOAD, THRESHOLD, TIMEOUT, ServerThread
 
+# The gRPC door's default port is fixed (8001): test servers, in this process and in the subprocesses it starts,
+# serve no gRPC unless a test gives them a free port (tests/test_grpc.py), so that parallel runs never collide.
+os.environ.setdefault("MRCNN_GRPC_PORT", "0")
+
 SHAPE_CLASSES = ["__background__", "circle", "square", "triangle", "star"]
 # The slim R-18-FPN of the bundled model, with fewer proposals: cheap enough for every test to run it.
 TINY_MODEL = {

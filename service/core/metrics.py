@@ -1,8 +1,10 @@
 """Prometheus metrics of one app instance (its own registry, so several apps can live in one process).
 
 Names are shared with docker/grafana/dashboards/mrcnn.json and tests/test_deploy.py. The request-level
-families carry a ``route`` label, the front door that answered: ``segment`` (POST /segment) or ``v2`` (the
-Open Inference Protocol's infer); the batch-level ones are shared, since both doors feed the same batches.
+families carry a ``route`` label, the front door that answered: ``segment`` (POST /segment), ``v2`` (the
+Open Inference Protocol's REST infer) or ``grpc`` (its gRPC ModelInfer), and a ``status``: the HTTP status, or
+for gRPC the status code's name (``OK``, ``INVALID_ARGUMENT``...); the batch-level ones are shared, since
+every door feeds the same batches.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 4.0, 6.0, 10.0, 30.0,
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
-Route = Literal["segment", "v2"]
+Route = Literal["segment", "v2", "grpc"]
 ROUTES: tuple[Route, ...] = typing.get_args(Route)
 
 
@@ -27,10 +29,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_duration = Histogram(
-            "mrcnn_request_duration_seconds", "Inference request time in the server, by route and HTTP status.",
+            "mrcnn_request_duration_seconds", "Inference request time in the server, by route and status.",
             ["route", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.requests = Counter("mrcnn_requests", "Inference requests answered, by route and HTTP status.",
+        self.requests = Counter("mrcnn_requests", "Inference requests answered, by route and status.",
                                 ["route", "status"], registry=r)
         self.queue_wait = Histogram("mrcnn_queue_wait_seconds", "Time a request waited for its batch to run.",
                                     buckets=LATENCY_BUCKETS, registry=r)
@@ -50,7 +52,7 @@ class Metrics:
         self.detections = Counter("mrcnn_detections", "Detections returned.", registry=r)
         self.model = Info("mrcnn_model", "The model being served.", registry=r)
 
-    def observe_request(self, route: Route, status: int, seconds: float) -> None:
+    def observe_request(self, route: Route, status: int | str, seconds: float) -> None:
         labels = (route, str(status))
         self.request_duration.labels(*labels).observe(seconds)
         self.requests.labels(*labels).inc()
