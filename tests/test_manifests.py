@@ -197,4 +197,9 @@ def test_the_autoscaler_scales_on_a_series_the_server_exports() -> None:
     series = re.match(r"(\w+)\{", rule["seriesQuery"]).group(1)
     gauges = {m.name for m in Metrics().registry.collect() if m.type == "gauge"}
     assert series in gauges and re.fullmatch(rule["name"]["matches"], series)
+    # KServe's RawDeployment variant: KEDA's Prometheus query reads the same gauge, and CPU is its second metric.
+    raw = named(build(K8S / "kserve"), "InferenceService", "mrcnn-raw")
+    metrics = raw["spec"]["predictor"]["autoScaling"]["metrics"]
+    assert [m["type"] for m in metrics] == ["External", "Resource"] and metrics[1]["resource"]["name"] == "cpu"
+    assert re.match(r"sum\((\w+)\{", metrics[0]["external"]["metric"]["query"]).group(1) == series
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
