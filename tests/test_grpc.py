@@ -8,6 +8,8 @@ server of its own (``python -m service``), SIGTERM with RPCs in flight: NOT_SERV
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
 import signal
 import subprocess
@@ -345,3 +347,23 @@ def test_sigterm_drains_rpcs_in_flight(tiny_onnx_model: Path, model: OnnxModel, 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- the documentation ------------------------------------------------------------------------------
+
+
+def test_the_readme_snippet_runs(server: ServerThread, name: str, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """service/README.md's gRPC snippet, run as written but for the server's address, the model's name and
+    the photo (written where the snippet reads it)."""
+    readme = ROOT / "service" / "README.md"
+    section = readme.read_text().split("## Open Inference Protocol over gRPC", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert snippet.count('"localhost:8001"') == 1 and snippet.count('"shapes-demo"') == 1
+    code = snippet.replace('"localhost:8001"', repr(server.grpc_target)).replace('"shapes-demo"', repr(name))
+    (tmp_path / "photo.jpg").write_bytes(encode(scene(55).image, "JPEG", quality=95))
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, str(readme), "exec"), {})
+    assert out.getvalue().startswith("[b'"), out.getvalue()
