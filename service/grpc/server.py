@@ -75,12 +75,12 @@ class GrpcDoor:
         else:
             server.add_secure_port(address, self.credentials)
         loop = asyncio.get_running_loop()
-        await self._set_health(self.pipeline.state)
 
         def follow(state: State) -> None:  # in whichever thread the state changed
             loop.call_soon_threadsafe(self._follow, state)
 
-        self.pipeline.watch_state(follow)
+        self.pipeline.watch_state(follow)  # first, so that no change is missed while the initial state is set
+        await self._set_health(self.pipeline.state)
         await server.start()
         log.info("gRPC: serving %s on %s", SERVICE_NAME, address)
 
