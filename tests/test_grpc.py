@@ -1,7 +1,7 @@
 """The Open Inference Protocol over gRPC (service/grpc/) with the real client, tritonclient's gRPC client, against
 the real server on loopback (tests/conftest.py's ``server``: the tiny model, its gRPC door on a free port):
 health, metadata and configuration; infer with IMAGE and with PIXELS, chosen outputs and parameters, the same
-answers as /segment; concurrent requests batched, counted under ``route="grpc"``; errors as the client's
+answers as /segment; the bidirectional stream; concurrent requests batched, counted under ``route="grpc"``; errors as the client's
 exception with the status code and REST's message; the standard health service and reflection; and, in a
 server of its own (``python -m service``), SIGTERM with RPCs in flight: NOT_SERVING, all answered, exit 0."""
 
@@ -219,6 +219,37 @@ def test_concurrent_async_infer_is_batched(triton: Any, client: Any, name: str) 
         assert not isinstance(done[i], Exception), done[i]
         masks = outputs_of(done[i])["masks"]
         assert len(masks) and all(json.loads(m)["size"] == list(image.shape[:2]) for m in masks)
+
+
+def test_stream_infer_answers_each_request_and_survives_an_error(triton: Any, name: str) -> None:
+    """ModelStreamInfer (tritonclient's stream): each request answered by its id as ModelInfer answers it; a
+    bad request's error comes back on the stream, which goes on."""
+    pngs = {f"s{i}": encode(scene(60 + i).image) for i in range(4)}
+    scores = [grpcclient.InferRequestedOutput("scores")]
+    expected = {rid: triton.infer(name, [image_input(png)], outputs=scores).as_numpy("scores")
+                for rid, png in pngs.items()}
+    answers: list[tuple[Any, Any]] = []
+    finished = threading.Semaphore(0)
+
+    def callback(result: Any, error: Any) -> None:
+        answers.append((result, error))
+        finished.release()
+
+    triton.start_stream(callback)
+    try:
+        for rid, png in pngs.items():
+            triton.async_stream_infer(name, [image_input(png)], outputs=scores, request_id=rid)
+        triton.async_stream_infer(name, [image_input(b"not an image")], outputs=scores, request_id="bad")
+        for _ in range(len(pngs) + 1):
+            assert finished.acquire(timeout=TIMEOUT)
+    finally:
+        triton.stop_stream()
+    errors = [error for _, error in answers if error is not None]
+    assert len(errors) == 1 and "the data is not a decodable image" in errors[0].message()
+    results = {result.get_response().id: result.as_numpy("scores") for result, error in answers if error is None}
+    assert results.keys() == expected.keys()
+    for rid, values in results.items():
+        np.testing.assert_array_equal(values, expected[rid])
 
 
 # ---- errors ----------------------------------------------------------------------------------------

@@ -2,15 +2,18 @@
 
 ModelInfer goes the way of REST's infer (service/oip/routes.py): the same model check, admission under the
 deadline, parsing and encoding in worker threads around the shared ``answer_call``, the same metrics under
-``route="grpc"`` with the status code's name as ``status``. The health RPCs answer as Triton's do:
+``route="grpc"`` with the status code's name as ``status``; ModelStreamInfer answers each request of a stream
+the same way. The health RPCs answer as Triton's do:
 ServerReady and ModelReady are false while starting or draining, and ModelReady is false, not an error, for a
 model or version this server does not serve. The RPCs not implemented here (statistics, repository, shared
-memory, trace, log settings, streaming) answer UNIMPLEMENTED, the generated base class's default.
+memory, trace, log settings) answer UNIMPLEMENTED, the generated base class's default.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
@@ -70,6 +73,36 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         if isinstance(answer, Failure):
             await context.abort(answer.code, answer.message, answer.trailers)
         return answer
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:  # noqa: N802
+        """Triton's bidirectional stream: every request is answered as ModelInfer answers it, concurrently (so
+        that a stream's requests batch together), in the order they finish; an error is the response's
+        ``error_message`` and the stream goes on. The stream ends when the client's side has ended and every
+        request is answered."""
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def answer(request: Any) -> None:
+            response = await self.pipeline.handle("grpc", partial(self._infer, request), failure, status_name)
+            if isinstance(response, Failure):
+                failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                               id=request.id)
+                await answers.put(pb.ModelStreamInferResponse(error_message=response.message, infer_response=failed))
+            else:
+                await answers.put(pb.ModelStreamInferResponse(infer_response=response))
+
+        async def read() -> None:
+            async with asyncio.TaskGroup() as group:
+                async for request in requests:
+                    group.create_task(answer(request))
+            await answers.put(None)  # every request answered
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            await reader
+        finally:
+            reader.cancel()
 
     async def _infer(self, request: Any) -> Any:
         """One infer request, the steps of REST's (service/oip/routes.py's infer_one)."""
