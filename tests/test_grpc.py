@@ -1,9 +1,10 @@
 """The Open Inference Protocol over gRPC (service/grpc/) with the real client, tritonclient's gRPC client, against
 the real server on loopback (tests/conftest.py's ``server``: the tiny model, its gRPC door on a free port):
 health, metadata and configuration; infer with IMAGE and with PIXELS, chosen outputs and parameters, the same
-answers as /segment; the bidirectional stream; concurrent requests batched, counted under ``route="grpc"``; errors as the client's
-exception with the status code and REST's message; the standard health service and reflection; and, in a
-server of its own (``python -m service``), SIGTERM with RPCs in flight: NOT_SERVING, all answered, exit 0."""
+answers as /segment; the bidirectional stream; concurrent requests batched, counted under ``route="grpc"``;
+errors as the client's exception with the status code and REST's message; the standard health service and
+reflection; and, in a server of its own (``python -m service``), SIGTERM with RPCs in flight: NOT_SERVING,
+all answered, exit 0."""
 
 from __future__ import annotations
 
@@ -317,6 +318,16 @@ def test_overloaded_is_unavailable_with_a_retry_pushback(
     after = metric_values(client.get("/metrics").text)
     assert sample(after, "mrcnn_requests_total", route="grpc", status="UNAVAILABLE") - sample(
         before, "mrcnn_requests_total", route="grpc", status="UNAVAILABLE") == 1
+
+
+def test_past_the_deadline_is_deadline_exceeded(
+    server: ServerThread, triton: Any, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server.pipeline.settings, "request_timeout_s", 1e-6)
+    with pytest.raises(grpcclient.InferenceServerException) as err:
+        triton.infer(name, [image_input(encode(scene(56).image))])
+    assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED", str(err.value)
+    assert "not answered within the 1e-06 s deadline" in err.value.message()
 
 
 # ---- SIGTERM -----------------------------------------------------------------------------------------
