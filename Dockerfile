@@ -90,11 +90,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     MRCNN_MODEL_PATH=/opt/mrcnn/models/demo/model.onnx \
     MRCNN_HOST=0.0.0.0 \
-    MRCNN_PORT=8000
+    MRCNN_PORT=8000 \
+    MRCNN_GRPC_PORT=8001
 
 WORKDIR /opt/mrcnn
 USER 10001:10001
-EXPOSE 8000
+# HTTP (/segment, /v2, probes, metrics) and the Open Inference Protocol over gRPC.
+EXPOSE 8000 8001
 
 # Liveness only (/readyz is for the load balancer / orchestrator); no curl in the image, so Python.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \

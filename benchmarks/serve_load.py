@@ -87,7 +87,8 @@ def free_port() -> int:
 def start_server(model: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
     import httpx
 
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MRCNN_")} | env
+    # No gRPC door unless ``env`` asks for one: its default port is fixed, and other servers may hold it.
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MRCNN_")} | {"MRCNN_GRPC_PORT": "0"} | env
     proc = subprocess.Popen([sys.executable, "-m", "service", "--model", str(model), "--port", str(port),
                              "--log-level", "warning"], cwd=ROOT, env=full_env)
     deadline = time.monotonic() + 120

@@ -2,8 +2,9 @@
 
 The model is loaded before the server starts, so a missing, corrupt or foreign file ends the process
 with one line and exit status 1. SIGTERM drains: /readyz turns 503 at once, requests keep being served
-for ``MRCNN_DRAIN_GRACE_S`` (so a load balancer can notice), then the listener closes, in-flight
-requests finish and the process exits with status 0.
+for ``MRCNN_DRAIN_GRACE_S`` (so a load balancer can notice), then the listeners close (HTTP and gRPC, whose
+health service turned NOT_SERVING with readiness), in-flight requests finish and the process exits with
+status 0.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
@@ -70,10 +73,12 @@ class OneSendH11Protocol(H11Protocol):
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose first SIGTERM/SIGINT drains instead of stopping at once."""
 
-    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None], grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None], grace_s: float,
+                 on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         super().__init__(config)
         self._on_drain = on_drain
         self._grace_s = grace_s
+        self._on_close = on_close
         self._stop_at: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -87,6 +92,12 @@ class DrainingServer(uvicorn.Server):
         self._on_drain()
         self._stop_at = time.monotonic() + self._grace_s
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Close the HTTP listener and, at the same moment, ``on_close`` (the gRPC door): both stop taking
+        requests and finish those in flight."""
+        closing = [self._on_close()] if self._on_close is not None else []
+        await asyncio.gather(super().shutdown(sockets), *closing)
+
     async def on_tick(self, counter: int) -> bool:
         if self._stop_at is not None and time.monotonic() >= self._stop_at:
             self.should_exit = True
@@ -98,13 +109,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="ONNX file (default: MRCNN_MODEL_PATH or the demo model)")
     p.add_argument("--host", help="bind address (default: MRCNN_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: MRCNN_PORT or 8000)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port, 0: none (default: MRCNN_GRPC_PORT or 8001)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    given = {"model_path": args.model, "host": args.host, "port": args.port}
+    given = {"model_path": args.model, "host": args.host, "port": args.port, "grpc_port": args.grpc_port}
     overrides = {k: v for k, v in given.items() if v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -119,7 +131,9 @@ def main(argv: list[str] | None = None) -> None:
         app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None, lifespan="on", http=OneSendH11Protocol,
     )
-    DrainingServer(config, on_drain, settings.drain_grace_s).run()
+    grpc_door = app.state.grpc
+    on_close = partial(grpc_door.stop, settings.drain_timeout_s) if grpc_door is not None else None
+    DrainingServer(config, on_drain, settings.drain_grace_s, on_close).run()
 
 
 if __name__ == "__main__":

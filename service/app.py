@@ -4,7 +4,9 @@
 app; ``service.app:app`` builds one from ``MRCNN_*`` environment variables for ``uvicorn``. The event
 loop only moves bytes and futures: the pipeline decodes and post-processes in worker threads and runs
 the model in its batcher's thread. Each door (service/segment, service/oip) brings its routes and says
-its errors itself; the page and the probes are routes beside them.
+its errors itself; the page and the probes are routes beside them. The gRPC door (service/grpc, unless
+``MRCNN_GRPC_PORT`` is 0) is a server of its own in the same event loop, started after the pipeline and
+stopped before it, so its RPCs in flight finish.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fastapi import FastAPI
 from service.core.pipeline import Pipeline
 from service.core.runtime import ModelLoadError, OnnxModel
 from service.core.settings import Settings
+from service.grpc.server import GrpcDoor
 from service.label_studio.routes import label_studio_door
 from service.oip.routes import oip_door
 from service.page.routes import add_page
@@ -39,13 +42,18 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
         )
     cv2.setNumThreads(1)  # requests are parallel already; OpenCV's own threads would oversubscribe
     pipeline = Pipeline(settings, model)
+    grpc_door = GrpcDoor(pipeline, API_VERSION) if settings.grpc_port else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await pipeline.start()
         try:
+            if grpc_door is not None:
+                await grpc_door.start(settings.host, settings.grpc_port)
             yield
         finally:
+            if grpc_door is not None:  # its RPCs in flight finish while the pipeline still runs
+                await grpc_door.stop(settings.drain_timeout_s)
             await pipeline.stop()
 
     app = FastAPI(
@@ -55,6 +63,7 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
         lifespan=lifespan,
     )
     app.state.pipeline = pipeline
+    app.state.grpc = grpc_door
     add_doors(app, [segment_door(pipeline), oip_door(pipeline, API_VERSION), label_studio_door(pipeline)])
     app.include_router(health_router(pipeline))
     add_page(app, pipeline)

@@ -13,7 +13,11 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-from tests.helpers import MAX_PIXELS, MAX_UPLOAD, THRESHOLD, TIMEOUT, ServerThread
+from tests.helpers import MAX_PIXELS, MAX_UPLOAD, THRESHOLD, TIMEOUT, ServerThread, free_port
+
+# The gRPC door's default port is fixed (8001): test servers, in this process and in the subprocesses it starts,
+# serve no gRPC unless a test gives them a free port (tests/test_grpc.py), so that parallel runs never collide.
+os.environ.setdefault("MRCNN_GRPC_PORT", "0")
 
 SHAPE_CLASSES = ["__background__", "circle", "square", "triangle", "star"]
 # The slim R-18-FPN of the bundled model, with fewer proposals: cheap enough for every test to run it.
@@ -101,19 +105,21 @@ def model(tiny_onnx_model: Path):  # -> service.runtime.OnnxModel
 
 @pytest.fixture(scope="session")
 def server(tiny_onnx_model: Path) -> Iterator[ServerThread]:
-    """The service (service.app.create_app) serving the tiny exported model, on a loopback port; its
-    pipeline is ``server.pipeline``. Batches of up to 8 wait up to 150 ms for company."""
+    """The service (service.app.create_app) serving the tiny exported model, on a loopback port, and its gRPC
+    door at ``server.grpc_target``; its pipeline is ``server.pipeline``. Batches of up to 8 wait up to 150 ms
+    for company."""
     from service.app import create_app
     from service.core.settings import Settings
 
     settings = Settings(
         model_path=tiny_onnx_model, max_batch_size=8, max_batch_wait_ms=150, queue_capacity=16,
         max_upload_bytes=MAX_UPLOAD, max_image_pixels=MAX_PIXELS, score_threshold=THRESHOLD,
-        worker_threads=2, request_timeout_s=TIMEOUT,
+        worker_threads=2, request_timeout_s=TIMEOUT, grpc_port=free_port(),
     )
     app = create_app(settings)
     with ServerThread(app) as srv:
         srv.pipeline = app.state.pipeline
+        srv.grpc_target = f"127.0.0.1:{settings.grpc_port}"
         yield srv
 
 

@@ -42,13 +42,15 @@ NGINX = binary("nginx")
 
 
 def clean_env() -> dict[str, str]:
-    """The environment for child processes: no proxies (loopback only), no inherited MRCNN_ settings."""
+    """The environment for child processes: no proxies (loopback only), no inherited MRCNN_ settings, no gRPC
+    door (its default port is fixed: tests/conftest.py)."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.lower().endswith("_proxy") and not k.startswith("MRCNN_")
     }
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env["MRCNN_GRPC_PORT"] = "0"
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 

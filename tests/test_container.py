@@ -362,7 +362,8 @@ class Container:
         self.engine, self.name = engine, name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {"MRCNN_PORT": str(self.port), "MRCNN_INTRA_OP_THREADS": "1", **(env or {})}
+        # No gRPC door: on the host's network every container would claim its fixed default port.
+        env = {"MRCNN_PORT": str(self.port), "MRCNN_GRPC_PORT": "0", "MRCNN_INTRA_OP_THREADS": "1", **(env or {})}
         self.started = time.monotonic()
         engine.run(
             "run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp",

@@ -27,6 +27,7 @@ WEB_FRAMEWORKS = ("fastapi", "starlette")
         (("contract",), ("torch", "onnxruntime", "cv2")),
         (("model.data.coco",), ("onnxruntime", "cv2", "service")),
         (SERVICE_CORE, ("torch", *WEB_FRAMEWORKS)),
+        (("service.grpc.server",), ("torch", *WEB_FRAMEWORKS)),  # the gRPC door shares oip's model, not its routes
         (("service.app", "service.client", "service.__main__"), ("torch",)),
         # The annotation tools' glue, with the SDKs it loads (label-studio-sdk's parser and converter, cvat-sdk).
         (("service.cvat_function", "service.label_studio.config", "service.label_studio.regions",

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MRCNN_") and not k.lower().endswith("_proxy")}
-    return {**env, **extra}
+    return {**env, "MRCNN_GRPC_PORT": "0", **extra}  # no gRPC door on its fixed default port (tests/conftest.py)
 
 
 def _start(model: Path, port: int, **env: str) -> subprocess.Popen:

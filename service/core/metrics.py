@@ -2,8 +2,9 @@
 
 Names are shared with docker/grafana/dashboards/mrcnn.json and tests/test_deploy.py. The request-level
 families carry a ``route`` label, the front door that answered: ``segment`` (POST /segment), ``v2`` (the
-Open Inference Protocol's infer) or ``label_studio`` (its ML backend's predict); the batch-level ones are shared,
-since every door feeds the same batches.
+Open Inference Protocol's REST infer), ``grpc`` (its gRPC ModelInfer) or ``label_studio`` (its ML backend's
+predict), and a ``status``: the HTTP status, or for gRPC the status code's name (``OK``, ``INVALID_ARGUMENT``...);
+the batch-level ones are shared, since every door feeds the same batches.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 TILE_BUCKETS = (1, 2, 4, 6, 9, 12, 16, 24, 32, 48, 64, 96, 128)
-Route = Literal["segment", "v2", "label_studio"]
+Route = Literal["segment", "v2", "grpc", "label_studio"]
 ROUTES: tuple[Route, ...] = typing.get_args(Route)
 
 
@@ -29,10 +30,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_duration = Histogram(
-            "mrcnn_request_duration_seconds", "Inference request time in the server, by route and HTTP status.",
+            "mrcnn_request_duration_seconds", "Inference request time in the server, by route and status.",
             ["route", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.requests = Counter("mrcnn_requests", "Inference requests answered, by route and HTTP status.",
+        self.requests = Counter("mrcnn_requests", "Inference requests answered, by route and status.",
                                 ["route", "status"], registry=r)
         self.queue_wait = Histogram("mrcnn_queue_wait_seconds", "Time a request waited for its batch to run.",
                                     buckets=LATENCY_BUCKETS, registry=r)
@@ -55,7 +56,7 @@ class Metrics:
         self.detections = Counter("mrcnn_detections", "Detections returned.", registry=r)
         self.model = Info("mrcnn_model", "The model being served.", registry=r)
 
-    def observe_request(self, route: Route, status: int, seconds: float) -> None:
+    def observe_request(self, route: Route, status: int | str, seconds: float) -> None:
         labels = (route, str(status))
         self.request_duration.labels(*labels).observe(seconds)
         self.requests.labels(*labels).inc()

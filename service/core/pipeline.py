@@ -36,6 +36,7 @@ from service.core.stitching import local_masks, merge, tile_pieces
 from service.core.tiling import Tiling, TooManyTiles, Window, plan_tiles
 
 log = logging.getLogger("service")
+State = Literal["starting", "ready", "draining"]
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -88,7 +89,8 @@ class Pipeline:
         self.metrics = Metrics()
         info = model.metadata
         self.metrics.model.info({"name": info.model_name, "version": info.model_version, "arch": info.architecture})
-        self.state: Literal["starting", "ready", "draining"] = "starting"
+        self._state: State = "starting"
+        self._state_watchers: list[Callable[[State], None]] = []
         self.pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="worker")
         self.batcher: DynamicBatcher[BatchItem, Prediction] = DynamicBatcher(
             self.execute,
@@ -100,6 +102,22 @@ class Pipeline:
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        """``starting`` until warmed up, ``ready``, then ``draining`` from SIGTERM on."""
+        return self._state
+
+    def watch_state(self, watcher: Callable[[State], None]) -> None:
+        """Call ``watcher`` (on the event loop) with every new state: for probes that are told rather than
+        asked, such as gRPC's health service."""
+        self._state_watchers.append(watcher)
+
+    def _set_state(self, state: State) -> None:
+        if state != self._state:
+            self._state = state
+            for watcher in self._state_watchers:
+                watcher(state)
+
     async def start(self) -> None:
         """Start batching and, unless disabled, run one inference first so that the first request does
         not pay ONNX Runtime's allocations; then report ready."""
@@ -108,7 +126,7 @@ class Pipeline:
             info = self.model.metadata
             image = np.full((info.min_size, info.min_size, 3), 114, dtype=np.uint8)
             await self.in_pool(self.model.predict, [image], self.settings.score_threshold)
-        self.state = "ready"
+        self._set_state("ready")
         log.info("serving %s %s on %s", self.model.metadata.model_name, self.model.metadata.model_version,
                  ", ".join(self.model.providers))
 
@@ -119,7 +137,7 @@ class Pipeline:
 
     def drain(self) -> None:
         """Readiness off (SIGTERM); requests are still served until ``stop``."""
-        self.state = "draining"
+        self._set_state("draining")
 
     async def stop(self) -> None:
         """Refuse new requests, let admitted ones finish (up to the drain timeout), stop the threads."""
@@ -133,13 +151,13 @@ class Pipeline:
         route: Route,
         work: Callable[[], Awaitable[R]],
         error_answer: Callable[[ServiceError], R],
-        status_of: Callable[[R], int],
+        status_of: Callable[[R], int | str],
     ) -> R:
         """Answer one request: ``work``'s answer, or its ServiceError in the front door's own terms
         (``error_answer``), or an InternalError for anything unexpected; the status answered (``status_of``,
         the door's) and the time taken go to the metrics."""
         started = time.perf_counter()
-        status = 500  # also when the request is cancelled (the client went away)
+        status: int | str = 500  # also when the request is cancelled (the client went away)
         try:
             try:
                 answer = await work()

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     label_studio_token: SecretStr | None = Field(None, description="A Label Studio access token (legacy or personal).")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="Port of the Open Inference Protocol over gRPC, on ``host`` (0: not served)."
+    )
 
     @field_validator("providers", mode="before")
     @classmethod

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,7 +246,33 @@ def object_array(items: Sequence[object], shape: Sequence[int] | None = None) ->
     return array if shape is None else array.reshape(shape)
 
 
-def _from_binary(spec: TensorSpec, shape: list[int], chunk: memoryview) -> np.ndarray:
+def input_spec(inputs: Sequence[TensorSpec], seen: Collection[str], name: str, datatype: str,
+               shape: Sequence[int], parameters: Mapping[str, Any]) -> TensorSpec:
+    """The spec of an input a request gives (``seen``: those it gave before), in any transport: a
+    BadRequest for an unknown or repeated input, a wrong datatype or shape, or shared memory."""
+    specs = {spec.name: spec for spec in inputs}
+    spec = specs.get(name)
+    if spec is None:
+        raise bad_request(f"unknown input '{name}'; the model takes {', '.join(specs)}")
+    if name in seen:
+        raise bad_request(f"input '{name}' is given twice")
+    if datatype != spec.datatype:
+        raise bad_request(f"input '{name}' has datatype {datatype}; expected {spec.datatype}")
+    spec.check_shape(shape)
+    if "shared_memory_region" in parameters:
+        raise bad_request("shared memory is not supported: send the data in the request")
+    return spec
+
+
+def check_output_parameters(name: str, parameters: Collection[str]) -> None:
+    """A BadRequest for a requested output's parameters this server does not implement, in any transport."""
+    unsupported = {"classification", "shared_memory_region"} & set(parameters)
+    if unsupported:
+        raise bad_request(f"output '{name}': {', '.join(sorted(unsupported))} is not supported")
+
+
+def from_binary(spec: TensorSpec, shape: Sequence[int], chunk: bytes | memoryview) -> np.ndarray:
+    """A tensor's elements from its raw data (REST's binary extension, gRPC's raw contents)."""
     count = math.prod(shape)
     if spec.datatype == "BYTES":
         items = deserialize_bytes(chunk)
@@ -260,7 +286,10 @@ def _from_binary(spec: TensorSpec, shape: list[int], chunk: memoryview) -> np.nd
     return np.frombuffer(chunk, dtype=dtype).reshape(shape)
 
 
-def _from_json(spec: TensorSpec, shape: list[int], data: list[Any]) -> np.ndarray:
+def from_elements(spec: TensorSpec, shape: Sequence[int], data: list[Any]) -> np.ndarray:
+    """A tensor's elements given one by one (REST's JSON data, gRPC's typed contents), checked against its
+    datatype: no float into an integer tensor, no value out of its range; BYTES elements are strings (JSON) or
+    bytes (gRPC)."""
     count = math.prod(shape)
     try:
         raw = np.asarray(data, dtype=object if spec.datatype == "BYTES" else None)
@@ -269,9 +298,9 @@ def _from_json(spec: TensorSpec, shape: list[int], data: list[Any]) -> np.ndarra
     if raw.size != count:
         raise bad_request(f"input '{spec.name}' has {raw.size} elements for shape {shape}")
     if spec.datatype == "BYTES":
-        if not all(isinstance(v, str) for v in raw.flat):
+        if not all(isinstance(v, str | bytes) for v in raw.flat):
             raise bad_request(f"input '{spec.name}': BYTES elements in JSON are strings")
-        return object_array([v.encode() for v in raw.flat], shape)
+        return object_array([v.encode() if isinstance(v, str) else v for v in raw.flat], shape)
     dtype = DATATYPES[spec.datatype][0]
     if raw.dtype.kind not in JSON_KINDS[dtype.kind]:
         raise bad_request(f"input '{spec.name}': data of kind {raw.dtype} cannot be {spec.datatype}")
@@ -295,37 +324,25 @@ def parse_request(body: bytes, header_length: int | None, inputs: Sequence[Tenso
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise bad_request(f"invalid inference request: {where + ': ' if where else ''}{first['msg']}") from None
-    specs = {spec.name: spec for spec in inputs}
     tensors: dict[str, Tensor] = {}
     offset = header_length
     for given in request.inputs:
-        spec = specs.get(given.name)
-        if spec is None:
-            raise bad_request(f"unknown input '{given.name}'; the model takes {', '.join(specs)}")
-        if given.name in tensors:
-            raise bad_request(f"input '{given.name}' is given twice")
-        if given.datatype != spec.datatype:
-            raise bad_request(f"input '{given.name}' has datatype {given.datatype}; expected {spec.datatype}")
-        spec.check_shape(given.shape)
-        if "shared_memory_region" in given.parameters:
-            raise bad_request("shared memory is not supported: send the data in the request")
+        spec = input_spec(inputs, tensors, given.name, given.datatype, given.shape, given.parameters)
         size = given.parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(view):
                 raise bad_request(f"input '{given.name}': binary_data_size {size!r} does not fit the body")
-            data = _from_binary(spec, given.shape, view[offset : offset + size])
+            data = from_binary(spec, given.shape, view[offset : offset + size])
             offset += size
         elif given.data is not None:
-            data = _from_json(spec, given.shape, given.data)
+            data = from_elements(spec, given.shape, given.data)
         else:
             raise bad_request(f"input '{given.name}' has neither data nor binary_data_size")
         tensors[given.name] = Tensor(given.name, given.datatype, data, binary=size is not None)
     if offset != len(view):
         raise bad_request(f"the body has {len(view) - offset} bytes of binary data that no input declares")
     for output in request.outputs or []:
-        unsupported = {"classification", "shared_memory_region"} & set(output.parameters)
-        if unsupported:
-            raise bad_request(f"output '{output.name}': {', '.join(sorted(unsupported))} is not supported")
+        check_output_parameters(output.name, output.parameters)
     return ParsedRequest(request.id, request.parameters, tensors, request.outputs,
                    binary_output=bool(request.parameters.get("binary_data_output", False)))
 
@@ -347,7 +364,7 @@ def encode_response(model_name: str, model_version: str, request_id: str | None,
         tensor: dict[str, Any] = {"name": out.spec.name, "datatype": out.spec.datatype,
                                   "shape": list(out.values.shape)}
         if out.binary:
-            blob = _binary(out)
+            blob = raw_data(out)
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif out.spec.datatype == "BYTES":
@@ -363,7 +380,8 @@ def encode_response(model_name: str, model_version: str, request_id: str | None,
     return (text, None) if not blobs else (b"".join([text, *blobs]), len(text))
 
 
-def _binary(out: Output) -> bytes:
+def raw_data(out: Output) -> bytes:
+    """An output's raw data, as REST's binary extension and gRPC's raw contents carry it."""
     if out.spec.datatype == "BYTES":
         return serialize_bytes(v.encode() if isinstance(v, str) else v for v in out.values.flat)
     return np.ascontiguousarray(out.values, dtype=DATATYPES[out.spec.datatype][0]).tobytes()

@@ -1,6 +1,7 @@
 """Our model as the Open Inference Protocol sees it: the tensors it takes and gives, its metadata and
 configuration, an infer request turned into the pipeline's terms (``InferCall``) and a segmented image
-turned into output tensors. Transport-free: the REST routes (routes.py) use it, and a gRPC door would too.
+turned into output tensors, and an admitted infer request's work (``answer_call``). Transport-free: the REST
+routes (routes.py) and the gRPC servicer (service/grpc/) both use it.
 
 - inputs, exactly one of: ``IMAGE`` BYTES [1], one encoded image file (what /segment takes; in a JSON
   body, base64-encoded, since JSON strings cannot carry binary); ``PIXELS`` UINT8 [H, W, 3], RGB, for
@@ -21,21 +22,25 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 
 from contract import GraphMetadata
+from service.core.batcher import Slot
 from service.core.errors import NotFound
 from service.core.options import FORMATS, Resolved, SegmentOptions, resolve
-from service.core.pipeline import Segmented
+from service.core.pipeline import BatchItem, Pipeline, Segmented
+from service.core.runtime import Prediction
 from service.core.settings import Settings
 from service.oip.codec import (
     ModelConfig,
     ModelMetadata,
     Output,
     ParsedRequest,
+    ServerMetadata,
     Tensor,
     TensorSpec,
     bad_request,
@@ -66,6 +71,9 @@ OPTION_PARAMETERS = tuple(name for name in SegmentOptions.model_fields if name !
 # around the graph.
 PLATFORM = "mrcnn_onnxruntime"
 BACKEND = "mrcnn"
+SERVER_NAME = "maskrcnn-service"
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "parameters"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,15 @@ def _with_outputs(options: Resolved, names: Collection[str]) -> Resolved:
     return replace(options, rle=wanted["rle"], polygons=wanted["polygons"])
 
 
+async def answer_call(pipeline: Pipeline, slot: Slot[BatchItem, Prediction], parse: Callable[[], InferCall],
+                      encode: Callable[[InferCall, Segmented], T]) -> T:
+    """An admitted infer request's work, whatever the transport: ``parse`` it in a worker thread, segment its
+    image in whichever batch it joins, ``encode`` the answer in a worker thread."""
+    call = await pipeline.in_pool(parse)
+    done = await pipeline.segment(slot, call.image, call.options)
+    return await pipeline.in_pool(encode, call, done)
+
+
 def output_values(name: str, done: Segmented, class_names: list[str]) -> np.ndarray:
     """One output of a segmented request, as the tensor the protocol returns."""
     pred = done.prediction
@@ -155,6 +172,10 @@ def output_tensors(call: InferCall, done: Segmented, info: GraphMetadata) -> lis
     """Worker thread: the outputs the call asked for, in its order, each in binary or not."""
     return [Output(OUTPUTS[name], output_values(name, done, info.class_names), binary)
             for name, binary in call.outputs]
+
+
+def server_metadata(server_version: str) -> ServerMetadata:
+    return ServerMetadata(name=SERVER_NAME, version=server_version, extensions=EXTENSIONS)
 
 
 def model_metadata(info: GraphMetadata) -> ModelMetadata:

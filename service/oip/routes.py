@@ -12,6 +12,7 @@ is served with and without ``/versions/{version}``.
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -36,19 +37,19 @@ from service.oip.errors import ERRORS, error_response
 from service.oip.model import (
     INPUTS,
     InferCall,
+    answer_call,
     check_model,
     image_call,
     model_config,
     model_metadata,
     output_tensors,
+    server_metadata,
     tensor_call,
 )
 from service.web.body import check_declared_length, content_encoding, inflate, read_body
 from service.web.doors import Door
 
 PREFIX = "/v2"
-SERVER_NAME = "maskrcnn-service"
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "parameters"]
 INFER_BODY = {
     "requestBody": {
         "required": True,
@@ -118,9 +119,8 @@ async def infer_one(pipeline: Pipeline, request: Request, model: ModelRef) -> Re
     encoding, length = content_encoding(request), header_length(request)
     async with pipeline.admitted("v2", started) as slot:
         body = await read_body(request, settings.max_upload_bytes)
-        call = await pipeline.in_pool(parse_call, body, encoding, length, settings, info)
-        done = await pipeline.segment(slot, call.image, call.options)
-        body, json_length = await pipeline.in_pool(encode_call, call, done, info)
+        parse = partial(parse_call, body, encoding, length, settings, info)
+        body, json_length = await answer_call(pipeline, slot, parse, partial(encode_call, info=info))
     if json_length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream",
@@ -166,8 +166,8 @@ def oip_door(pipeline: Pipeline, server_version: str) -> Door:
     router = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol v2"])
 
     @router.get("", response_model=ServerMetadata, summary="Server metadata")
-    async def server_metadata() -> ServerMetadata:
-        return ServerMetadata(name=SERVER_NAME, version=server_version, extensions=EXTENSIONS)
+    async def metadata() -> ServerMetadata:
+        return server_metadata(server_version)
 
     @router.get("/health/live", summary="Server liveness (200: live)")
     async def live() -> dict[str, bool]:
