@@ -10,27 +10,40 @@ its errors itself; the page and the probes are routes beside them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import AsyncIterator
 
 import cv2
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from service.core.api_keys import ApiKeys, ApiKeysError
 from service.core.pipeline import Pipeline
 from service.core.runtime import ModelLoadError, OnnxModel
 from service.core.settings import Settings
 from service.oip.routes import oip_door
 from service.page.routes import add_page
 from service.segment.routes import segment_door
+from service.web.auth import API_KEY_HEADER, key_dependency
+from service.web.docs import add_docs
 from service.web.doors import add_doors
-from service.web.health import health_router
+from service.web.health import health_router, serve_metrics
+from service.web.request_id import HEADER as REQUEST_ID_HEADER
+from service.web.request_log import RequestLogMiddleware
 
 API_VERSION = "1"
+log = logging.getLogger("service")
+# What a browser on an allowed origin may send and read (MRCNN_CORS_ORIGINS).
+CORS_REQUEST_HEADERS = ["Authorization", API_KEY_HEADER, "Content-Type", "Content-Encoding", REQUEST_ID_HEADER,
+                        "Inference-Header-Content-Length", "traceparent", "tracestate"]
+CORS_RESPONSE_HEADERS = [REQUEST_ID_HEADER, "Retry-After", "Inference-Header-Content-Length", "WWW-Authenticate"]
 
 
 def create_app(settings: Settings | None = None, model: OnnxModel | None = None) -> FastAPI:
     """The app for ``settings`` (default: from the environment); loads the model now unless given."""
     settings = settings or Settings()
+    keys = ApiKeys.from_settings(settings)  # before the model: a bad keys file fails at once
     if model is None:
         model = OnnxModel(
             settings.model_path, settings.providers, settings.intra_op_threads, settings.inter_op_threads,
@@ -42,9 +55,14 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await pipeline.start()
+        metrics_server = None
+        if settings.metrics_port is not None:
+            metrics_server = serve_metrics(pipeline, settings.host, settings.metrics_port)
         try:
             yield
         finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
             await pipeline.stop()
 
     app = FastAPI(
@@ -52,20 +70,36 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
         version=API_VERSION,
         description="Instance segmentation with an exported Mask R-CNN on ONNX Runtime.",
         lifespan=lifespan,
+        openapi_url=None,  # the schema and its viewers are routes of ours, under the key rule (add_docs)
+        docs_url=None,
+        redoc_url=None,
+        dependencies=[Depends(key_dependency(keys))] if keys is not None else None,
     )
     app.state.pipeline = pipeline
     add_doors(app, [segment_door(pipeline), oip_door(pipeline, API_VERSION)])
-    app.include_router(health_router(pipeline))
+    app.include_router(health_router(pipeline, metrics_on_api_port=settings.metrics_port is None))
     add_page(app, pipeline)
+    add_docs(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_RESPONSE_HEADERS)
+    app.add_middleware(RequestLogMiddleware)  # outside CORS: its preflight answers get an ID and a line too
+    if keys is None:
+        log.warning("no API keys (MRCNN_API_KEYS, MRCNN_API_KEYS_FILE): every route is open to anyone")
+    else:
+        log.info("%d API key(s): every route but the probes and the page's files needs one", len(keys))
     return app
 
 
 def load_app_or_exit(settings: Settings | None = None) -> FastAPI:
-    """create_app, but a bad model file ends the process with one line instead of a traceback."""
+    """create_app, but a bad model or keys file ends the process with one line instead of a traceback."""
     try:
         return create_app(settings)
     except ModelLoadError as exc:
         print(f"error: cannot serve the model: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ApiKeysError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

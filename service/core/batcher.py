@@ -6,12 +6,15 @@ batches: it takes the first waiting job, then waits at most ``max_wait_s`` for c
 admitted requests are still on their way (decoding), so a lone request never pays the wait. The batch runs in
 a single inference thread (one ORT call); each job's future gets exactly its own result, or its own error,
 by position. A job whose caller gave up (deadline, disconnect) is cancelled and dropped before it runs.
+Waiting jobs are taken by priority (a lower number first, as Triton's levels: 1 is the highest), in arrival
+order within one priority.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +48,7 @@ class Job(Generic[P, R]):
 
     payload: P
     future: asyncio.Future[R]
+    priority: int = 0
     enqueued: float = field(default_factory=time.perf_counter)
     queue_s: float = 0.0
     run_s: float = 0.0
@@ -57,16 +61,18 @@ class Slot(Generic[P, R]):
     def __init__(self, batcher: DynamicBatcher[P, R]) -> None:
         self._batcher = batcher
         self.submitted = False
+        self.admitted_at = time.perf_counter()  # a request's own timeout counts from here
 
-    def submit(self, payload: P) -> Job[P, R]:
-        """Queue the payload; await ``job.future`` for this request's own result.
+    def submit(self, payload: P, priority: int = 0) -> Job[P, R]:
+        """Queue the payload, ahead of waiting jobs of a larger ``priority`` number; await ``job.future`` for
+        this request's own result.
 
         Cancelling the future (e.g. ``asyncio.timeout`` around the await) drops the job if it has not
         started; if its batch is already running, the result is discarded.
         """
         if self.submitted:
             raise RuntimeError("a slot submits once")
-        job = self._batcher._enqueue(payload)
+        job = self._batcher._enqueue(payload, priority)
         self.submitted = True
         return job
 
@@ -90,7 +96,8 @@ class DynamicBatcher(Generic[P, R]):
         self.capacity = capacity
         self._on_batch = on_batch
         self._on_depth = on_depth
-        self._queue: asyncio.Queue[Job[P, R]] | None = None
+        self._queue: asyncio.PriorityQueue[tuple[int, int, Job[P, R]]] | None = None
+        self._arrivals = itertools.count()  # ties within a priority go in arrival order
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.admitted = 0  # requests holding a slot: decoding, queued, running or post-processing
@@ -100,7 +107,7 @@ class DynamicBatcher(Generic[P, R]):
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Create the queue, the inference thread and the collector task on the running loop."""
-        self._queue = asyncio.Queue()
+        self._queue = asyncio.PriorityQueue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task = asyncio.create_task(self._collect(), name="batch-collector")
 
@@ -135,12 +142,12 @@ class DynamicBatcher(Generic[P, R]):
                 self.arriving -= 1
             self.admitted -= 1
 
-    def _enqueue(self, payload: P) -> Job[P, R]:
+    def _enqueue(self, payload: P, priority: int) -> Job[P, R]:
         if self._queue is None:
             raise RuntimeError("DynamicBatcher.start() was not called")
         self.arriving -= 1
-        job: Job[P, R] = Job(payload, asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(job)
+        job: Job[P, R] = Job(payload, asyncio.get_running_loop().create_future(), priority)
+        self._queue.put_nowait((priority, next(self._arrivals), job))
         self._depth()
         return job
 
@@ -152,18 +159,18 @@ class DynamicBatcher(Generic[P, R]):
     async def _gather(self) -> list[Job[P, R]]:
         """The next batch: first job, then whatever comes within max_wait_s while more is expected."""
         assert self._queue is not None
-        batch = [await self._queue.get()]
+        batch = [(await self._queue.get())[-1]]
         loop = asyncio.get_running_loop()
         until = loop.time() + self.max_wait_s
         while len(batch) < self.max_batch_size:
             if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+                batch.append(self._queue.get_nowait()[-1])
                 continue
             remaining = until - loop.time()
             if self.arriving <= 0 or remaining <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                batch.append((await asyncio.wait_for(self._queue.get(), remaining))[-1])
             except TimeoutError:
                 break
         self._depth()

@@ -22,6 +22,9 @@ from service.core.errors import InvalidOption
 
 Format = Literal["rle", "polygons"]
 FORMATS: tuple[Format, ...] = typing.get_args(Format)
+# The priority of a request that names none (or 0, Triton's "the default"): the highest, so that a priority
+# can only let a request yield to others (a bulk job to interactive traffic), never push ahead of them.
+DEFAULT_PRIORITY = 1
 
 
 class SegmentOptions(BaseModel):
@@ -36,6 +39,14 @@ class SegmentOptions(BaseModel):
     classes: list[str] | None = Field(None, description="Class names to keep, comma-separated or repeated")
     formats: list[Format] | None = Field(
         None, min_length=1, description="Mask encodings: rle, polygons, or both (the default)"
+    )
+    timeout_ms: float | None = Field(
+        None, gt=0, description="Answer 504 rather than later than this after arrival, without running the model "
+        "if it has not started (the server's deadline stays the cap)"
+    )
+    priority: int | None = Field(
+        None, ge=0, description=f"Served before waiting requests of a larger number; 1 is the highest and "
+        f"the default ({DEFAULT_PRIORITY}; 0 means the default)"
     )
 
     @field_validator("classes", "formats", mode="before")
@@ -83,6 +94,8 @@ class Resolved:
     labels: np.ndarray | None  # int64 labels to keep, or None for all
     rle: bool
     polygons: bool
+    timeout_s: float | None = None  # the request's own, from its arrival
+    priority: int = DEFAULT_PRIORITY
 
 
 def resolve(options: SegmentOptions, default_threshold: float, info: GraphMetadata) -> Resolved:
@@ -104,4 +117,6 @@ def resolve(options: SegmentOptions, default_threshold: float, info: GraphMetada
         labels=labels,
         rle="rle" in formats,
         polygons="polygons" in formats,
+        timeout_s=None if options.timeout_ms is None else options.timeout_ms / 1e3,
+        priority=options.priority or DEFAULT_PRIORITY,
     )

@@ -177,11 +177,24 @@ class Pipeline:
     ) -> Segmented:
         """One admitted request's work: decode and resize ``image`` (an encoded file, or RGB uint8 pixels
         [H, W, 3]), infer in whichever batch it joins, keep the detections ``options`` asks for and encode
-        only the mask formats it asks for."""
+        only the mask formats it asks for; within the request's own timeout, if it has one (DeadlineExceeded
+        past it: its job is dropped unless its batch is already running)."""
+        if options.timeout_s is None:
+            return await self._segment(slot, image, options)
+        try:
+            async with asyncio.timeout(max(slot.admitted_at + options.timeout_s - time.perf_counter(), 0.0)):
+                return await self._segment(slot, image, options)
+        except TimeoutError:
+            limit_ms = options.timeout_s * 1e3
+            raise DeadlineExceeded("deadline_exceeded", f"not answered within its timeout of {limit_ms:g} ms") from None
+
+    async def _segment(
+        self, slot: Slot[BatchItem, Prediction], image: bytes | np.ndarray, options: Resolved
+    ) -> Segmented:
         decode_started = time.perf_counter()
         resized = await self.in_pool(self._prepare, image)
         decode_s = time.perf_counter() - decode_started
-        inferred = await self.infer(slot, BatchItem(resized, options.score_threshold))
+        inferred = await self.infer(slot, BatchItem(resized, options.score_threshold), options.priority)
         post_started = time.perf_counter()
         pred = select_detections(inferred.prediction, options)
         masks = await self.in_pool(encode_detections, pred, options) if options.rle or options.polygons else None
@@ -199,9 +212,9 @@ class Pipeline:
             image = decode_image(image, self.settings.max_image_pixels)
         return self.model.resize(image)
 
-    async def infer(self, slot: Slot[BatchItem, Prediction], request: BatchItem) -> Inferred:
+    async def infer(self, slot: Slot[BatchItem, Prediction], request: BatchItem, priority: int) -> Inferred:
         """The request's detections, from whichever batch it joins."""
-        job = slot.submit(request)
+        job = slot.submit(request, priority)
         prediction = await job.future
         return Inferred(prediction, job.queue_s, job.run_s, job.batch_size)
 

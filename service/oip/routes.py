@@ -45,6 +45,7 @@ from service.oip.model import (
 )
 from service.web.body import check_declared_length, content_encoding, inflate, read_body
 from service.web.doors import Door
+from service.web.request_log import note_work
 
 PREFIX = "/v2"
 SERVER_NAME = "maskrcnn-service"
@@ -120,6 +121,7 @@ async def infer_one(pipeline: Pipeline, request: Request, model: ModelRef) -> Re
         body = await read_body(request, settings.max_upload_bytes)
         call = await pipeline.in_pool(parse_call, body, encoding, length, settings, info)
         done = await pipeline.segment(slot, call.image, call.options)
+        note_work(request, done)
         body, json_length = await pipeline.in_pool(encode_call, call, done, info)
     if json_length is None:
         return Response(body, media_type="application/json")

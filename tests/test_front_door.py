@@ -1,0 +1,411 @@
+"""The production front door against real servers on loopback (the bundled demo model): API keys on every
+route but the probes and the page's files, request IDs on every answer, TLS, JSON logs, per-request timeout
+and priority, traces, metrics on their own port, CORS."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+import trustme
+from tritonclient.utils import InferenceServerException
+
+from service.app import create_app
+from service.core.api_keys import ApiKeys, ApiKeysError, read_keys_file
+from service.core.batcher import DynamicBatcher
+from service.core.settings import DEFAULT_MODEL_PATH, Settings
+from service.web.logs import ContextFilter, JsonFormatter
+from tests.helpers import ServerThread, encode, metric_values, sample, scene
+
+ENV_KEY, FILE_KEY, HASHED_KEY = "env-key-0123456789", "file-key-abcdefghij", "hashed-key-klmnopqrst"
+MODEL = "shapes-demo"  # the demo model's name, as GET /v1/model reports it
+
+
+def keys_file(folder: Path) -> Path:
+    """A keys file with a comment, a plain key and a hashed one (as sha256sum prints it)."""
+    path = folder / "keys"
+    hashed = hashlib.sha256(HASHED_KEY.encode()).hexdigest()
+    path.write_text(f"# the team's keys\n{FILE_KEY}\n\nsha256:{hashed}\n")
+    return path
+
+
+def png() -> bytes:
+    return encode(scene(3)[0])
+
+
+class LogCapture:
+    """The root logger's records in the server's JSON format, as a list of parsed lines."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+        self.handler = logging.StreamHandler(self.stream)
+        self.handler.setFormatter(JsonFormatter())
+        self.handler.addFilter(ContextFilter())
+
+    def __enter__(self) -> LogCapture:
+        root = logging.getLogger()
+        root.addHandler(self.handler)
+        self.level, root.level = root.level, logging.INFO
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeHandler(self.handler)
+        logging.getLogger().setLevel(self.level)
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def lines(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def logs() -> Iterator[LogCapture]:
+    with LogCapture() as capture:
+        yield capture
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory, logs: LogCapture) -> Iterator[ServerThread]:
+    """The demo model behind API keys: one in MRCNN_API_KEYS, two in the keys file."""
+    settings = Settings(model_path=DEFAULT_MODEL_PATH, api_keys=ENV_KEY,
+                        api_keys_file=keys_file(tmp_path_factory.mktemp("keys")), request_timeout_s=120)
+    with ServerThread(create_app(settings)) as server:
+        yield server
+
+
+# -- the keys on their own ------------------------------------------------------------------------------
+
+
+def test_keys_are_held_as_digests_and_compared_whole(tmp_path: Path) -> None:
+    keys = ApiKeys(read_keys_file(keys_file(tmp_path)))
+    assert len(keys) == 2
+    assert keys.allows(FILE_KEY) and keys.allows(HASHED_KEY)
+    assert not keys.allows(FILE_KEY[:-1]) and not keys.allows(FILE_KEY + "x") and not keys.allows("")
+    assert not keys.allows(None) and not keys.allows("sha256:" + hashlib.sha256(HASHED_KEY.encode()).hexdigest())
+    assert ApiKeys.from_settings(Settings()) is None  # no keys: open
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("# only a comment\n\n", "has no keys"),
+    ("sha256:abc\n", "64 hex digits"),
+    (None, "cannot read"),
+])
+def test_a_bad_keys_file_is_refused(tmp_path: Path, content: str | None, problem: str) -> None:
+    path = tmp_path / "keys"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ApiKeysError, match=problem):
+        read_keys_file(path)
+
+
+# -- the key rule on every route ---------------------------------------------------------------------------
+
+GIVEN = {
+    "none": {},
+    "wrong bearer": {"Authorization": "Bearer not-a-key"},
+    "wrong header": {"X-API-Key": "not-a-key"},
+    "bearer": {"Authorization": f"Bearer {ENV_KEY}"},
+    "header (file)": {"X-API-Key": FILE_KEY},
+    "bearer (hashed in the file)": {"Authorization": f"Bearer {HASHED_KEY}"},
+}
+
+
+def segment(client: httpx.Client, headers: dict[str, str]) -> httpx.Response:
+    return client.post("/segment", content=png(), headers={"content-type": "image/png", **headers})
+
+
+@pytest.mark.parametrize("given", GIVEN)
+@pytest.mark.parametrize("path", ["/segment", "/v1/model", "/docs", "/openapi.json", "/metrics", "/page.json"])
+def test_every_route_needs_a_key(keyed: ServerThread, path: str, given: str) -> None:
+    with httpx.Client(base_url=keyed.url, timeout=120) as client:
+        r = segment(client, GIVEN[given]) if path == "/segment" else client.get(path, headers=GIVEN[given])
+    if given in ("none", "wrong bearer", "wrong header"):
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"].startswith("Bearer ")
+        error = r.json()["error"]
+        assert error["code"] == ("missing_api_key" if given == "none" else "invalid_api_key")
+        assert error["request_id"] == r.headers["x-request-id"]
+    else:
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("given", GIVEN)
+def test_the_protocol_needs_a_key_through_tritonclient(keyed: ServerThread, given: str) -> None:
+    client = httpclient.InferenceServerClient(keyed.url.removeprefix("http://"), network_timeout=120)
+    image = httpclient.InferInput("IMAGE", [1], "BYTES")
+    image.set_data_from_numpy(np.array([png()], dtype=object))
+    assert client.is_server_live() and client.is_server_ready()  # the probes: no key
+    if given in ("none", "wrong bearer", "wrong header"):
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(MODEL, [image], headers=dict(GIVEN[given]))
+        assert refused.value.status() == "401"
+        assert "API key" in refused.value.message()
+        with pytest.raises(InferenceServerException, match="API key"):
+            client.get_model_metadata(MODEL, headers=dict(GIVEN[given]))
+    else:
+        result = client.infer(MODEL, [image], headers=dict(GIVEN[given]))
+        assert result.as_numpy("scores") is not None
+        assert client.get_model_metadata(MODEL, headers=dict(GIVEN[given]))["name"] == MODEL
+
+
+def test_the_protocol_says_401_in_its_own_format(keyed: ServerThread) -> None:
+    r = httpx.post(f"{keyed.url}/v2/models/{MODEL}/infer", json={"inputs": []})
+    assert r.status_code == 401 and set(r.json()) == {"error"} and isinstance(r.json()["error"], str)
+    assert r.headers["www-authenticate"].startswith("Bearer ")
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/",
+                                  "/static/page.js"])
+def test_probes_and_the_page_are_open(keyed: ServerThread, path: str) -> None:
+    assert httpx.get(keyed.url + path).status_code == 200
+
+
+def test_the_schema_declares_both_ways_of_sending_a_key(keyed: ServerThread) -> None:
+    spec = httpx.get(keyed.url + "/openapi.json", headers={"X-API-Key": ENV_KEY}).json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["HTTPBearer"]["scheme"] == "bearer"
+    assert schemes["APIKeyHeader"] == {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                                       "description": "The API key"}
+
+
+def test_keys_never_reach_the_log(keyed: ServerThread, logs: LogCapture) -> None:
+    with httpx.Client(base_url=keyed.url, timeout=120) as client:
+        for headers in GIVEN.values():
+            segment(client, headers)
+            client.get("/v1/model", headers=headers)
+    assert "POST /segment 401" in logs.text and "POST /segment 200" in logs.text
+    for secret in (ENV_KEY, FILE_KEY, HASHED_KEY, "not-a-key"):
+        assert secret not in logs.text
+
+
+# -- request IDs ------------------------------------------------------------------------------------------
+
+
+def test_a_sane_request_id_is_kept_and_logged(keyed: ServerThread, logs: LogCapture) -> None:
+    with httpx.Client(base_url=keyed.url, timeout=120) as client:
+        r = segment(client, {"X-API-Key": ENV_KEY, "X-Request-ID": "client-42:retry/1"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "client-42:retry/1"
+    (line,) = [entry for entry in logs.lines() if entry.get("request_id") == "client-42:retry/1"]
+    assert line["logger"] == "service.access" and line["route"] == "/segment" and line["status"] == 200
+    assert line["client"] == "127.0.0.1" and line["detections"] == len(r.json()["detections"])
+    for key in ("decode_ms", "queue_ms", "inference_ms", "postprocess_ms", "latency_ms"):
+        assert isinstance(line[key], float) and line[key] >= 0
+    assert line["batch_size"] == r.json()["batch_size"]
+
+
+@pytest.mark.parametrize("given", ["x" * 129, "two words", "new\nline", ""])
+def test_an_insane_request_id_is_replaced(keyed: ServerThread, given: str) -> None:
+    r = httpx.get(keyed.url + "/healthz", headers={"X-Request-ID": given} if "\n" not in given else
+                  [("X-Request-ID", given.replace("\n", "\t"))])
+    rid = r.headers["x-request-id"]
+    assert rid != given and len(rid) == 32 and int(rid, 16) >= 0
+
+
+def test_every_error_class_carries_the_request_id(keyed: ServerThread) -> None:
+    key = {"X-API-Key": ENV_KEY}
+    big = np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8)
+    calls = [
+        ("unauthorized", "POST", "/segment", {}, png(), 401),
+        ("undecodable", "POST", "/segment", {"content-type": "image/png", **key}, b"not an image", 400),
+        ("unknown path", "GET", "/nowhere", key, None, 404),
+        ("wrong method", "PUT", "/segment", key, None, 405),
+        ("unsupported type", "POST", "/segment", {"content-type": "text/plain", **key}, b"x", 415),
+        ("bad option", "POST", "/segment?score_threshold=7", {"content-type": "image/png", **key}, png(), 422),
+        ("past its timeout", "POST", "/segment?timeout_ms=0.001", {"content-type": "image/png", **key},
+         encode(big), 504),
+        ("protocol", "POST", f"/v2/models/{MODEL}/infer", key, b"{", 400),
+    ]
+    with httpx.Client(base_url=keyed.url, timeout=120) as client:
+        for name, method, path, headers, body, status in calls:
+            rid = f"case-{name.replace(' ', '-')}"
+            r = client.request(method, path, headers={**headers, "X-Request-ID": rid}, content=body)
+            assert r.status_code == status, (name, r.text)
+            assert r.headers["x-request-id"] == rid, name
+            error = r.json()["error"]
+            if path.startswith("/v2"):
+                assert isinstance(error, str)  # the protocol's own error format, unchanged
+            else:
+                assert error["request_id"] == rid, name
+
+
+# -- TLS --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def tls_server(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    folder = tmp_path_factory.mktemp("tls")
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(str(folder / "cert.pem"), append=True)
+    settings = Settings(model_path=DEFAULT_MODEL_PATH, api_keys=ENV_KEY, request_timeout_s=120)
+    with ServerThread(create_app(settings), ssl_certfile=folder / "cert.pem", ssl_keyfile=folder / "key.pem") as s:
+        yield s
+
+
+def test_https_with_httpx(tls_server: ServerThread, ca: trustme.CA) -> None:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    assert tls_server.url.startswith("https://")
+    with httpx.Client(base_url=tls_server.url, verify=context, timeout=120) as client:
+        assert client.get("/healthz").status_code == 200
+        r = segment(client, {"Authorization": f"Bearer {ENV_KEY}"})
+        assert r.status_code == 200 and r.json()["image"]["width"] == 160
+    with pytest.raises(httpx.ConnectError):  # a client that does not trust the CA refuses the server
+        httpx.get(tls_server.url + "/healthz")
+
+
+def test_https_with_tritonclient(tls_server: ServerThread, ca: trustme.CA, tmp_path: Path) -> None:
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client = httpclient.InferenceServerClient(tls_server.url.removeprefix("https://"), ssl=True,
+                                              ssl_options={"ca_certs": str(tmp_path / "ca.pem")},
+                                              network_timeout=120)
+    image = httpclient.InferInput("IMAGE", [1], "BYTES")
+    image.set_data_from_numpy(np.array([png()], dtype=object))
+    assert client.is_server_ready()
+    result = client.infer(MODEL, [image], headers={"X-API-Key": ENV_KEY})
+    assert result.as_numpy("boxes").shape[1:] == (4,)
+
+
+def test_plain_http_to_the_tls_port_fails(tls_server: ServerThread) -> None:
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(tls_server.url.replace("https://", "http://") + "/healthz")
+
+
+# -- per-request priority and timeout ---------------------------------------------------------------------
+
+
+def test_the_batcher_takes_the_highest_priority_first() -> None:
+    """With the inference thread busy, waiting jobs go by priority, then arrival."""
+
+    async def main() -> list[list[str]]:
+        gate, calls = threading.Event(), []
+
+        def run(payloads: list[str]) -> list[str]:
+            gate.wait(10)
+            calls.append(payloads)
+            return payloads
+
+        b: DynamicBatcher[str, str] = DynamicBatcher(run, max_batch_size=1, max_wait_s=0.0)
+        await b.start()
+
+        async def request(name: str, priority: int) -> str:
+            with b.admit() as slot:
+                return await slot.submit(name, priority).future
+
+        tasks = [asyncio.create_task(request("first", 5))]
+        await asyncio.sleep(0.05)  # taken: its batch waits for the thread
+        for name, priority in (("low-a", 5), ("low-b", 5), ("high", 1), ("middle", 3)):
+            tasks.append(asyncio.create_task(request(name, priority)))
+            await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(*tasks)
+        await b.stop()
+        return calls
+
+    assert asyncio.run(main()) == [["first"], ["high"], ["middle"], ["low-a"], ["low-b"]]
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time() -> Iterator[ServerThread]:
+    """The demo model, one image a batch, no keys."""
+    settings = Settings(model_path=DEFAULT_MODEL_PATH, max_batch_size=1, max_batch_wait_ms=0, request_timeout_s=120)
+    app = create_app(settings)
+    with ServerThread(app) as server:
+        server.pipeline = app.state.pipeline
+        yield server
+
+
+class HeldBusy:
+    """The server's inference thread held by the test, so that requests queue up behind it."""
+
+    def __init__(self, server: ServerThread) -> None:
+        self.server, self.gate = server, threading.Event()
+        self.pool = ThreadPoolExecutor(8)
+        self.done: list[str] = []
+
+    def __enter__(self) -> HeldBusy:
+        self.server.pipeline.batcher._executor.submit(self.gate.wait, 60)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.gate.set()
+        self.pool.shutdown(wait=True)
+
+    def queued(self) -> float:
+        return sample(metric_values(httpx.get(self.server.url + "/metrics").text), "mrcnn_queue_depth")
+
+    def batches(self) -> float:
+        return sample(metric_values(httpx.get(self.server.url + "/metrics").text), "mrcnn_batch_size_count")
+
+    def wait_for(self, condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, "the server never got there"
+            time.sleep(0.02)
+
+    def send(self, name: str, query: str = "") -> Future[httpx.Response]:
+        def post() -> httpx.Response:
+            r = httpx.post(f"{self.server.url}/segment?formats=rle{query}", content=png(),
+                           headers={"content-type": "image/png"}, timeout=120)
+            self.done.append(name)
+            return r
+
+        return self.pool.submit(post)
+
+
+def test_a_higher_priority_request_is_served_before_lower_ones_waiting(one_at_a_time: ServerThread) -> None:
+    with HeldBusy(one_at_a_time) as held:
+        batcher = one_at_a_time.pipeline.batcher
+        answers = [held.send("first")]
+        held.wait_for(lambda: batcher.admitted == 1 and batcher.arriving == 0 and held.queued() == 0)
+        for i, (name, priority) in enumerate((("low-a", 5), ("low-b", 5), ("high", 1)), 1):
+            answers.append(held.send(name, f"&priority={priority}"))
+            held.wait_for(lambda i=i: held.queued() == i)
+        held.gate.set()
+        assert all(a.result().status_code == 200 for a in answers)
+    assert held.done == ["first", "high", "low-a", "low-b"]
+
+
+def test_a_request_past_its_own_timeout_is_answered_without_running(one_at_a_time: ServerThread) -> None:
+    client = httpclient.InferenceServerClient(one_at_a_time.url.removeprefix("http://"), network_timeout=120)
+    image = httpclient.InferInput("IMAGE", [1], "BYTES")
+    image.set_data_from_numpy(np.array([png()], dtype=object))
+    with HeldBusy(one_at_a_time) as held:
+        batcher = one_at_a_time.pipeline.batcher
+        before = held.batches()
+        first = held.send("first")
+        held.wait_for(lambda: batcher.admitted == 1 and batcher.arriving == 0 and held.queued() == 0)
+        started = time.monotonic()
+        late = held.send("late", "&timeout_ms=300").result()
+        assert late.status_code == 504 and "300 ms" in late.json()["error"]["message"]
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(MODEL, [image], timeout=300_000)  # Triton's microseconds
+        assert refused.value.status() == "503"
+        assert time.monotonic() - started < 10  # answered while the model was still held
+        assert batcher.admitted == 1  # only the first holds a slot
+        held.gate.set()
+        assert first.result().status_code == 200
+    time.sleep(0.3)
+    assert held.batches() == before + 1  # the first request's batch alone ran
