@@ -17,11 +17,13 @@ from collections.abc import AsyncIterator
 import cv2
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from opentelemetry.sdk.trace import TracerProvider
 
 from service.core.api_keys import ApiKeys, ApiKeysError
 from service.core.pipeline import Pipeline
 from service.core.runtime import ModelLoadError, OnnxModel
 from service.core.settings import Settings
+from service.core.tracing import TRACER_NAME
 from service.oip.routes import oip_door
 from service.page.routes import add_page
 from service.segment.routes import segment_door
@@ -31,6 +33,7 @@ from service.web.doors import add_doors
 from service.web.health import health_router, serve_metrics
 from service.web.request_id import HEADER as REQUEST_ID_HEADER
 from service.web.request_log import RequestLogMiddleware
+from service.web.tracing import TracingConfigError, instrument, tracer_provider_from_env
 
 API_VERSION = "1"
 log = logging.getLogger("service")
@@ -40,17 +43,21 @@ CORS_REQUEST_HEADERS = ["Authorization", API_KEY_HEADER, "Content-Type", "Conten
 CORS_RESPONSE_HEADERS = [REQUEST_ID_HEADER, "Retry-After", "Inference-Header-Content-Length", "WWW-Authenticate"]
 
 
-def create_app(settings: Settings | None = None, model: OnnxModel | None = None) -> FastAPI:
-    """The app for ``settings`` (default: from the environment); loads the model now unless given."""
+def create_app(
+    settings: Settings | None = None, model: OnnxModel | None = None, tracer_provider: TracerProvider | None = None
+) -> FastAPI:
+    """The app for ``settings`` (default: from the environment); loads the model now unless given. Traces go
+    to ``tracer_provider``, by default the one the OTEL_* variables ask for (none: no tracing)."""
     settings = settings or Settings()
-    keys = ApiKeys.from_settings(settings)  # before the model: a bad keys file fails at once
+    keys = ApiKeys.from_settings(settings)  # before the model: a bad keys or tracing setting fails at once
+    tracer_provider = tracer_provider or tracer_provider_from_env()
     if model is None:
         model = OnnxModel(
             settings.model_path, settings.providers, settings.intra_op_threads, settings.inter_op_threads,
             allow_spinning=settings.ort_spinning,
         )
     cv2.setNumThreads(1)  # requests are parallel already; OpenCV's own threads would oversubscribe
-    pipeline = Pipeline(settings, model)
+    pipeline = Pipeline(settings, model, tracer_provider.get_tracer(TRACER_NAME) if tracer_provider else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,6 +71,8 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
             if metrics_server is not None:
                 metrics_server.shutdown()
             await pipeline.stop()
+            if tracer_provider is not None:
+                tracer_provider.shutdown()  # the spans still buffered are exported
 
     app = FastAPI(
         title="Mask R-CNN segmentation service",
@@ -84,6 +93,8 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_RESPONSE_HEADERS)
     app.add_middleware(RequestLogMiddleware)  # outside CORS: its preflight answers get an ID and a line too
+    if tracer_provider is not None:
+        instrument(app, tracer_provider)  # outermost: the request's log line knows its trace
     if keys is None:
         log.warning("no API keys (MRCNN_API_KEYS, MRCNN_API_KEYS_FILE): every route is open to anyone")
     else:
@@ -92,13 +103,14 @@ def create_app(settings: Settings | None = None, model: OnnxModel | None = None)
 
 
 def load_app_or_exit(settings: Settings | None = None) -> FastAPI:
-    """create_app, but a bad model or keys file ends the process with one line instead of a traceback."""
+    """create_app, but a bad model or keys file, or an unknown trace exporter, ends the process with one line
+    instead of a traceback."""
     try:
         return create_app(settings)
     except ModelLoadError as exc:
         print(f"error: cannot serve the model: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    except ApiKeysError as exc:
+    except (ApiKeysError, TracingConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -21,6 +21,10 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import trustme
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
@@ -409,3 +413,77 @@ def test_a_request_past_its_own_timeout_is_answered_without_running(one_at_a_tim
         assert first.result().status_code == 200
     time.sleep(0.3)
     assert held.batches() == before + 1  # the first request's batch alone ran
+
+
+# -- traces -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def traced() -> Iterator[tuple[ServerThread, InMemorySpanExporter]]:
+    """The demo model with traces going to the SDK's in-memory exporter."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = create_app(Settings(model_path=DEFAULT_MODEL_PATH, max_batch_wait_ms=0, request_timeout_s=120),
+                     tracer_provider=provider)
+    with ServerThread(app) as server:
+        server.pipeline = app.state.pipeline
+        yield server, exporter
+
+
+def traceparent(trace_id: int, span_id: int) -> str:
+    return f"00-{trace_id:032x}-{span_id:016x}-01"
+
+
+def test_a_request_gives_its_span_tree_under_the_callers_trace(traced: tuple[ServerThread, InMemorySpanExporter],
+                                                               logs: LogCapture) -> None:
+    server, exporter = traced
+    exporter.clear()
+    trace_id, parent_id = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+    r = httpx.post(server.url + "/segment", content=png(), timeout=120,
+                   headers={"content-type": "image/png", "traceparent": traceparent(trace_id, parent_id)})
+    assert r.status_code == 200
+    spans = [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
+    (root,) = [s for s in spans if s.parent is not None and s.parent.span_id == parent_id]
+    assert root.name == "POST /segment" and root.kind == SpanKind.SERVER and root.parent.is_remote
+    assert root.attributes["http.status_code"] == 200 and root.attributes["http.route"] == "/segment"
+    assert root.attributes["mrcnn.request_id"] == r.headers["x-request-id"]
+    children = {s.name: s for s in spans if s.parent is not None and s.parent.span_id == root.context.span_id}
+    assert set(children) == {"decode", "queue wait", "inference", "postprocess", "encode"}
+    assert children["inference"].attributes["mrcnn.batch_size"] == 1
+    assert children["inference"].attributes["mrcnn.detections"] >= len(r.json()["detections"])
+    assert children["postprocess"].attributes["mrcnn.detections"] == len(r.json()["detections"])
+    assert [link.context for link in children["queue wait"].links] == [children["inference"].context]
+    order = ["decode", "queue wait", "inference", "postprocess", "encode"]
+    starts = [children[name].start_time for name in order]
+    assert starts[:2] == sorted(starts[:2]) and starts[2:] == sorted(starts[2:])
+    assert all(root.start_time <= s.start_time and s.end_time <= root.end_time for s in children.values())
+    (line,) = [entry for entry in logs.lines() if entry.get("request_id") == r.headers["x-request-id"]]
+    assert line["trace_id"] == f"{trace_id:032x}"
+
+
+def test_a_batch_has_one_inference_span_linked_with_each_request(
+    traced: tuple[ServerThread, InMemorySpanExporter]
+) -> None:
+    server, exporter = traced
+    with HeldBusy(server) as held:
+        first = held.send("first")
+        held.wait_for(lambda: held.queued() == 0 and server.pipeline.batcher.arriving == 0
+                      and server.pipeline.batcher.admitted == 1)
+        exporter.clear()
+        trace_ids = [0x1000 + i for i in range(3)]
+        answers = []
+        for i, trace_id in enumerate(trace_ids, 1):
+            answers.append(held.pool.submit(
+                httpx.post, server.url + "/segment", content=png(), timeout=120,
+                headers={"content-type": "image/png", "traceparent": traceparent(trace_id, 0x42)}))
+            held.wait_for(lambda i=i: held.queued() == i)
+        held.gate.set()
+        assert first.result().status_code == 200 and all(a.result().status_code == 200 for a in answers)
+    spans = exporter.get_finished_spans()
+    servers = {s.context.trace_id: s for s in spans if s.kind == SpanKind.SERVER and s.context.trace_id in trace_ids}
+    (batch,) = [s for s in spans if s.name == "inference" and s.attributes["mrcnn.batch_size"] == 3]
+    assert {link.context.span_id for link in batch.links} == {s.context.span_id for s in servers.values()}
+    assert batch.context.trace_id in trace_ids  # a child of its first request's span
+    waits = [s for s in spans if s.name == "queue wait" and s.context.trace_id in trace_ids]
+    assert len(waits) == 3 and all([link.context for link in w.links] == [batch.context] for w in waits)

@@ -19,11 +19,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
+from service.core import tracing
 from service.core.batcher import BatchStats, Draining, DynamicBatcher, QueueFull, Slot
 from service.core.errors import DeadlineExceeded, InternalError, ServiceError, Unavailable
 from service.core.images import check_size, decode_image
@@ -40,10 +43,11 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class BatchItem:
-    """What one request puts in a batch: its resized image and its own score threshold."""
+    """What one request puts in a batch: its resized image, its own score threshold and its trace."""
 
     image: Resized
     score_threshold: float
+    trace: tracing.BatchTrace = field(default_factory=tracing.BatchTrace)  # captures the caller's context
 
 
 @dataclass(frozen=True)
@@ -71,9 +75,10 @@ class Segmented:
 class Pipeline:
     """The model, the batcher, the worker pool and the metrics of one server."""
 
-    def __init__(self, settings: Settings, model: OnnxModel) -> None:
+    def __init__(self, settings: Settings, model: OnnxModel, tracer: Tracer | None = None) -> None:
         self.settings = settings
         self.model = model
+        self.tracer = tracer or trace.NoOpTracer()  # service/core/tracing.py's spans
         self.metrics = Metrics()
         info = model.metadata
         self.metrics.model.info({"name": info.model_name, "version": info.model_version, "arch": info.architecture})
@@ -102,8 +107,15 @@ class Pipeline:
                  ", ".join(self.model.providers))
 
     def execute(self, requests: list[BatchItem]) -> list[Prediction | Exception]:
-        """In the inference thread: pad, one ORT call, split per image. If the batch fails, each request
-        is run alone, so that one bad request gets its own error and its neighbours their results."""
+        """In the inference thread: pad, one ORT call, split per image, under the batch's one span. If the
+        batch fails, each request is run alone, so that one bad request gets its own error and its neighbours
+        their results."""
+        with tracing.batch_span(self.tracer, [r.trace for r in requests]) as span:
+            results = self._execute(requests)
+            span.set_attribute(tracing.DETECTIONS, sum(len(r.scores) for r in results if isinstance(r, Prediction)))
+            return results
+
+    def _execute(self, requests: list[BatchItem]) -> list[Prediction | Exception]:
         try:
             items = [r.image for r in requests]
             images, sizes = self.model.collate(items)
@@ -113,7 +125,7 @@ class Pipeline:
             if len(requests) == 1:
                 log.exception("inference failed")
                 return [exc]
-            return [self.execute([r])[0] for r in requests]
+            return [self._execute([r])[0] for r in requests]
 
     def drain(self) -> None:
         """Readiness off (SIGTERM); requests are still served until ``stop``."""
@@ -192,12 +204,15 @@ class Pipeline:
         self, slot: Slot[BatchItem, Prediction], image: bytes | np.ndarray, options: Resolved
     ) -> Segmented:
         decode_started = time.perf_counter()
-        resized = await self.in_pool(self._prepare, image)
+        with self.tracer.start_as_current_span(tracing.DECODE):
+            resized = await self.in_pool(self._prepare, image)
         decode_s = time.perf_counter() - decode_started
         inferred = await self.infer(slot, BatchItem(resized, options.score_threshold), options.priority)
         post_started = time.perf_counter()
-        pred = select_detections(inferred.prediction, options)
-        masks = await self.in_pool(encode_detections, pred, options) if options.rle or options.polygons else None
+        with self.tracer.start_as_current_span(tracing.POSTPROCESS) as span:
+            pred = select_detections(inferred.prediction, options)
+            masks = await self.in_pool(encode_detections, pred, options) if options.rle or options.polygons else None
+            span.set_attribute(tracing.DETECTIONS, len(pred.scores))
         postprocess_s = time.perf_counter() - post_started
         self.metrics.postprocess.observe(postprocess_s)
         self.metrics.detections.inc(len(pred.scores))
@@ -214,8 +229,10 @@ class Pipeline:
 
     async def infer(self, slot: Slot[BatchItem, Prediction], request: BatchItem, priority: int) -> Inferred:
         """The request's detections, from whichever batch it joins."""
+        submitted_ns = time.time_ns()
         job = slot.submit(request, priority)
         prediction = await job.future
+        tracing.record_queue_wait(self.tracer, request.trace, submitted_ns, job.queue_s, job.batch_size, priority)
         return Inferred(prediction, job.queue_s, job.run_s, job.batch_size)
 
     async def in_pool(self, fn: Callable[..., T], *args: Any) -> T:

@@ -21,6 +21,7 @@ from contract import GraphMetadata
 from service.core.errors import BadRequest
 from service.core.pipeline import Pipeline, Segmented
 from service.core.settings import Settings
+from service.core.tracing import ENCODE
 from service.oip.codec import (
     InferenceResponse,
     ModelConfig,
@@ -122,7 +123,8 @@ async def infer_one(pipeline: Pipeline, request: Request, model: ModelRef) -> Re
         call = await pipeline.in_pool(parse_call, body, encoding, length, settings, info)
         done = await pipeline.segment(slot, call.image, call.options)
         note_work(request, done)
-        body, json_length = await pipeline.in_pool(encode_call, call, done, info)
+        with pipeline.tracer.start_as_current_span(ENCODE):
+            body, json_length = await pipeline.in_pool(encode_call, call, done, info)
     if json_length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
+from opentelemetry import trace
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,7 +21,8 @@ from service.core.pipeline import Segmented
 from service.web import request_id
 
 log = logging.getLogger("service.access")
-_WORK = "mrcnn.work"  # the scope's key for what the request's inference cost
+_WORK = "mrcnn.work"
+REQUEST_ID_ATTRIBUTE = "mrcnn.request_id"  # the scope's key for what the request's inference cost
 
 
 def note_work(request: Request, done: Segmented) -> None:
@@ -69,6 +71,7 @@ class RequestLogMiddleware:
             return
         rid = request_id.request_id_for(Headers(scope=scope).get(request_id.HEADER))
         token = request_id.current.set(rid)
+        trace.get_current_span().set_attribute(REQUEST_ID_ATTRIBUTE, rid)  # the server span, when tracing
         started = time.perf_counter()
         status = 500  # unless a response starts: the client went away, or the app failed
 
