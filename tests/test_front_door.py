@@ -5,11 +5,16 @@ and priority, traces, metrics on their own port, CORS."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import os
+import signal
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,9 +37,10 @@ from service.core.api_keys import ApiKeys, ApiKeysError, read_keys_file
 from service.core.batcher import DynamicBatcher
 from service.core.settings import DEFAULT_MODEL_PATH, Settings
 from service.web.logs import ContextFilter, JsonFormatter
-from tests.helpers import ServerThread, encode, metric_values, sample, scene
+from tests.helpers import ServerThread, encode, free_port, metric_values, sample, scene
 
 ENV_KEY, FILE_KEY, HASHED_KEY = "env-key-0123456789", "file-key-abcdefghij", "hashed-key-klmnopqrst"
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = "shapes-demo"  # the demo model's name, as GET /v1/model reports it
 
 
@@ -487,3 +493,102 @@ def test_a_batch_has_one_inference_span_linked_with_each_request(
     assert batch.context.trace_id in trace_ids  # a child of its first request's span
     waits = [s for s in spans if s.name == "queue wait" and s.context.trace_id in trace_ids]
     assert len(waits) == 3 and all([link.context for link in w.links] == [batch.context] for w in waits)
+
+
+# -- all of it in the real command: python -m service ------------------------------------------------------
+
+
+def certificate(ca: trustme.CA, folder: Path) -> tuple[Path, Path]:
+    """A server certificate for 127.0.0.1 signed by ``ca``: the chain and the key, as PEM files."""
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    chain, key = folder / "cert.pem", folder / "key.pem"
+    chain.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key))
+    return chain, key
+
+
+class Production:
+    """``python -m service`` with everything on: TLS (the command's flags), keys, JSON logs, metrics on their
+    own port, a CORS allow-list, console traces. Its stdout (the spans) and stderr (the logs) go to files."""
+
+    ORIGIN = "https://app.example.com"
+
+    def __init__(self, ca: trustme.CA, folder: Path) -> None:
+        chain, key = certificate(ca, folder)
+        self.port, self.metrics_port = free_port(), free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.stdout, self.stderr = folder / "stdout", folder / "stderr"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MRCNN_", "OTEL_"))}
+        env.update(MRCNN_API_KEYS=ENV_KEY, MRCNN_LOG_FORMAT="json", MRCNN_METRICS_PORT=str(self.metrics_port),
+                   MRCNN_CORS_ORIGINS=self.ORIGIN, OTEL_TRACES_EXPORTER="console", OTEL_SERVICE_NAME="mrcnn-test",
+                   OTEL_BSP_SCHEDULE_DELAY="100")
+        command = [sys.executable, "-m", "service", "--model", str(DEFAULT_MODEL_PATH), "--port", str(self.port),
+                   "--ssl-certfile", str(chain), "--ssl-keyfile", str(key)]
+        with self.stdout.open("w") as out, self.stderr.open("w") as err:
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err)
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        self.client = httpx.Client(base_url=self.url, verify=context, timeout=120, trust_env=False)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.process.poll() is None, self.stderr.read_text()
+            with contextlib.suppress(httpx.TransportError):
+                if self.client.get("/readyz").status_code == 200:
+                    return
+            assert time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        self.client.close()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(60)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+
+
+@pytest.mark.slow
+def test_the_production_command(ca: trustme.CA, tmp_path: Path) -> None:
+    server = Production(ca, tmp_path)
+    try:
+        server.wait_ready()
+        key = {"Authorization": f"Bearer {ENV_KEY}"}
+        rid, trace_id = "production-1", 0x5B8EFFF798038103D269B633813FC60C
+        r = server.client.post("/segment", content=png(), headers={
+            "content-type": "image/png", "X-Request-ID": rid, "traceparent": traceparent(trace_id, 0xEEE19B7EC3C1B174),
+            **key})
+        assert r.status_code == 200 and r.headers["x-request-id"] == rid
+        assert server.client.post("/segment", content=png(), headers={"content-type": "image/png"}).status_code == 401
+        # Metrics on their own port, no key; not on the API port.
+        metrics = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", trust_env=False)
+        assert metrics.status_code == 200
+        values = metric_values(metrics.text)
+        assert sample(values, "mrcnn_requests_total", route="segment", status="200") == 1
+        assert sample(values, "mrcnn_requests_total", route="segment", status="401") == 0  # refused before the door
+        assert server.client.get("/metrics", headers=key).status_code == 404
+        # CORS: an allowed origin's preflight is answered, another origin's is not.
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key"}
+        allowed = server.client.options("/segment", headers={"Origin": Production.ORIGIN, **preflight})
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == Production.ORIGIN
+        other = server.client.options("/segment", headers={"Origin": "https://evil.example.com", **preflight})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        simple = server.client.get("/v1/model", headers={"Origin": Production.ORIGIN, **key})
+        assert simple.headers["access-control-allow-origin"] == Production.ORIGIN
+        assert "x-request-id" in simple.headers["access-control-expose-headers"].lower()
+        with pytest.raises(httpx.HTTPError):  # plain HTTP to the TLS port
+            httpx.get(server.url.replace("https", "http") + "/healthz", trust_env=False)
+    finally:
+        assert server.stop() == 0
+    logs = [json.loads(line) for line in server.stderr.read_text().splitlines()]  # every line is JSON
+    (line,) = [entry for entry in logs if entry.get("request_id") == rid]
+    assert line["trace_id"] == f"{trace_id:032x}" and line["status"] == 200 and line["batch_size"] == 1
+    assert any("1 API key(s)" in entry["message"] for entry in logs)
+    assert any(entry["logger"].startswith("uvicorn") for entry in logs)  # uvicorn's own lines, as JSON too
+    spans = server.stdout.read_text()
+    assert ENV_KEY not in spans and ENV_KEY not in server.stderr.read_text()
+    assert f'"trace_id": "0x{trace_id:032x}"' in spans and '"service.name": "mrcnn-test"' in spans
+    for name in ("POST /segment", "decode", "queue wait", "inference", "postprocess", "encode"):
+        assert f'"name": "{name}"' in spans
