@@ -466,6 +466,9 @@ def test_a_request_gives_its_span_tree_under_the_callers_trace(traced: tuple[Ser
     assert all(root.start_time <= s.start_time and s.end_time <= root.end_time for s in children.values())
     (line,) = [entry for entry in logs.lines() if entry.get("request_id") == r.headers["x-request-id"]]
     assert line["trace_id"] == f"{trace_id:032x}"
+    exporter.clear()
+    assert httpx.get(server.url + "/readyz").status_code == 200
+    assert exporter.get_finished_spans() == ()  # the probes are not traced
 
 
 def test_a_batch_has_one_inference_span_linked_with_each_request(

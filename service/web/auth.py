@@ -18,12 +18,13 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from service.core.api_keys import ApiKeys
 from service.core.errors import Unauthorized
+from service.web.health import PROBE_PATHS
 
 API_KEY_HEADER = "X-API-Key"
 # RFC 6750's challenge; the realm names the server, as Triton's and TorchServe's answers do theirs.
 WWW_AUTHENTICATE = 'Bearer realm="maskrcnn-service"'
 # What needs no key: liveness and readiness (ours and the protocol's), and the page with its static files.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/"})
+OPEN_PATHS = frozenset({*PROBE_PATHS, "/"})
 OPEN_PREFIXES = ("/static/",)
 
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")

@@ -13,6 +13,9 @@ from pydantic import BaseModel
 
 from service.core.pipeline import Pipeline
 
+# The probes of a platform: ours and the Open Inference Protocol's (service/oip/routes.py serves those).
+PROBE_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
+
 
 class Status(BaseModel):
     status: str

@@ -22,6 +22,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import TracerProvider as ApiTracerProvider
 
+from service.web.health import PROBE_PATHS
+
 EXPORTERS_VARIABLE = "OTEL_TRACES_EXPORTER"
 EXPORTER_GROUP = "opentelemetry_traces_exporter"
 # The OTLP exporter this server ships speaks HTTP/protobuf (opentelemetry-exporter-otlp-proto-http).
@@ -56,6 +58,9 @@ def tracer_provider_from_env() -> TracerProvider | None:
 
 
 def instrument(app: FastAPI, provider: ApiTracerProvider) -> None:
-    """A server span per request, continuing the request's ``traceparent``; without the per-message
-    ``http send``/``receive`` spans, which would outnumber the ones that say where the time went."""
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider, exclude_spans=["receive", "send"])
+    """A server span per request, continuing the request's ``traceparent``; none for the probes (a platform
+    asks them every few seconds), and without the per-message ``http send``/``receive`` spans, which would
+    outnumber the ones that say where the time went."""
+    probes = ",".join(f"{path}$" for path in PROBE_PATHS)  # regular expressions searched in the URL
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider, excluded_urls=probes,
+                                       exclude_spans=["receive", "send"])
