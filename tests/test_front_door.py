@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 import trustme
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -37,6 +39,7 @@ from service.core.api_keys import ApiKeys, ApiKeysError, read_keys_file
 from service.core.batcher import DynamicBatcher
 from service.core.settings import DEFAULT_MODEL_PATH, Settings
 from service.web.logs import ContextFilter, JsonFormatter
+from service.web.tracing import TracingConfigError, tracer_provider_from_env
 from tests.helpers import ServerThread, encode, free_port, metric_values, sample, scene
 
 ENV_KEY, FILE_KEY, HASHED_KEY = "env-key-0123456789", "file-key-abcdefghij", "hashed-key-klmnopqrst"
@@ -595,3 +598,67 @@ def test_the_production_command(ca: trustme.CA, tmp_path: Path) -> None:
     assert f'"trace_id": "0x{trace_id:032x}"' in spans and '"service.name": "mrcnn-test"' in spans
     for name in ("POST /segment", "decode", "queue wait", "inference", "postprocess", "encode"):
         assert f'"name": "{name}"' in spans
+
+
+class OtlpReceiver:
+    """The receiving end of OTLP/HTTP (what a collector listens on at 4318): POST /v1/traces, protobuf."""
+
+    def __init__(self) -> None:
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["content-length"]))
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                received.append((self.path, request))
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def spans(self) -> list[tuple[str, str]]:
+        """(service name, span name) of every span received."""
+        out = []
+        for _, request in self.received:
+            for resource_spans in request.resource_spans:
+                service = next(a.value.string_value for a in resource_spans.resource.attributes
+                               if a.key == "service.name")
+                out += [(service, span.name) for scope in resource_spans.scope_spans for span in scope.spans]
+        return out
+
+
+def test_otlp_from_the_standard_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    receiver = OtlpReceiver()
+    try:
+        monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+        monkeypatch.setenv("OTEL_SERVICE_NAME", "mrcnn-otlp-test")
+        provider = tracer_provider_from_env()
+        assert provider is not None
+        app = create_app(Settings(model_path=DEFAULT_MODEL_PATH), tracer_provider=provider)
+        with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+            assert segment(client, {}).status_code == 200
+            assert provider.force_flush(30_000)
+        assert {path for path, _ in receiver.received} == {"/v1/traces"}
+        names = [name for service, name in receiver.spans() if service == "mrcnn-otlp-test"]
+        assert sorted(names) == sorted(["POST /segment", "decode", "queue wait", "inference", "postprocess", "encode"])
+    finally:
+        receiver.server.shutdown()
+
+
+def test_tracing_is_off_unless_asked_and_an_unknown_exporter_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    assert tracer_provider_from_env() is None
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert tracer_provider_from_env() is None
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(TracingConfigError, match="no trace exporter 'zipkin'; installed: .*console.*otlp"):
+        tracer_provider_from_env()
