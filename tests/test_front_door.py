@@ -5,6 +5,7 @@ and priority, traces, metrics on their own port, CORS."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import io
@@ -662,3 +663,17 @@ def test_tracing_is_off_unless_asked_and_an_unknown_exporter_is_refused(monkeypa
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with pytest.raises(TracingConfigError, match="no trace exporter 'zipkin'; installed: .*console.*otlp"):
         tracer_provider_from_env()
+
+
+def test_bad_timeouts_and_priorities_are_refused(one_at_a_time: ServerThread) -> None:
+    image = {"name": "IMAGE", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(png()).decode()]}
+    for parameters in ({"timeout": -5}, {"timeout": "soon"}, {"priority": -1}):
+        r = httpx.post(f"{one_at_a_time.url}/v2/models/{MODEL}/infer", timeout=120,
+                       json={"inputs": [image], "parameters": parameters})
+        assert r.status_code == 400 and set(r.json()) == {"error"}, r.text
+    for query in ("timeout_ms=0", "timeout_ms=-1", "priority=-1", "priority=high"):
+        r = httpx.post(f"{one_at_a_time.url}/segment?{query}", content=png(), headers={"content-type": "image/png"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_option", query
+    r = httpx.post(f"{one_at_a_time.url}/v2/models/{MODEL}/infer", timeout=120,  # 0: Triton's "none" / "default"
+                   json={"inputs": [image], "parameters": {"timeout": 0, "priority": 0}})
+    assert r.status_code == 200, r.text

@@ -26,7 +26,7 @@ _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class ApiKeysError(ValueError):
-    """The keys file cannot be read or has a line that is not a key."""
+    """The keys file cannot be read, has no key, or has a ``sha256:`` line that is not a digest."""
 
 
 def digest(key: str) -> bytes:

@@ -48,7 +48,6 @@ class Job(Generic[P, R]):
 
     payload: P
     future: asyncio.Future[R]
-    priority: int = 0
     enqueued: float = field(default_factory=time.perf_counter)
     queue_s: float = 0.0
     run_s: float = 0.0
@@ -146,7 +145,7 @@ class DynamicBatcher(Generic[P, R]):
         if self._queue is None:
             raise RuntimeError("DynamicBatcher.start() was not called")
         self.arriving -= 1
-        job: Job[P, R] = Job(payload, asyncio.get_running_loop().create_future(), priority)
+        job: Job[P, R] = Job(payload, asyncio.get_running_loop().create_future())
         self._queue.put_nowait((priority, next(self._arrivals), job))
         self._depth()
         return job

@@ -1,8 +1,7 @@
 """How the Open Inference Protocol says an error: ``{"error": "<message>"}`` under Triton's statuses (400 for
 anything the request got wrong, limits included; 401 no or unknown API key; 404 unknown model; 503
 unavailable, past the deadline too: Triton's UNAVAILABLE; 500 internal), with ``Retry-After`` when waiting
-helps. The one place these statuses
-are chosen."""
+helps. The one place these statuses are chosen."""
 
 from __future__ import annotations
 
