@@ -1,9 +1,9 @@
 """The production front door's cost: the real server (``python -m service``, loopback) at concurrency 16 with
 API keys + JSON logs + OpenTelemetry traces (console exporter) on, against the same server with all of them
-off, side by side.
+off, side by side, and each of the three alone.
 
-The two servers run one after the other, in alternating rounds (off, on, off, on, ...), so that the drift
-of a shared machine's background load falls on both. Both log at INFO to a file (the per-request line
+The servers run one after the other, in alternating rounds (off, keys, ..., all on, off, ...), so that the
+drift of a shared machine's background load falls on all. Both log at INFO to a file (the per-request line
 included: text when off, JSON when on); the traced one's spans go to a file through the console exporter.
 
 Run: ``python -m benchmarks.front_door`` (writes its section of benchmarks/RESULTS.md).
@@ -28,11 +28,23 @@ from service.core.settings import DEFAULT_MODEL_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "benchmark-key-0123456789abcdef"
+KEYS = {"MRCNN_API_KEYS": KEY}
+JSON_LOGS = {"MRCNN_LOG_FORMAT": "json"}
+TRACES = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "mrcnn-benchmark"}
 VARIANTS = {
     "all off": {},
-    "keys + JSON logs + traces": {"MRCNN_API_KEYS": KEY, "MRCNN_LOG_FORMAT": "json", "OTEL_TRACES_EXPORTER": "console",
-                                  "OTEL_SERVICE_NAME": "mrcnn-benchmark"},
+    "keys": KEYS,
+    "JSON logs": JSON_LOGS,
+    "traces (console)": TRACES,
+    "keys + JSON logs + traces": KEYS | JSON_LOGS | TRACES,
 }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat): on a shared machine a steadier measure of
+    the work a request costs than the wall time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start(model: Path, port: int, env: dict[str, str], out: Path) -> subprocess.Popen[bytes]:
@@ -82,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--requests", type=int, default=96, help="requests per round")
+    p.add_argument("--requests", type=int, default=64, help="requests per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds per variant, alternating")
     p.add_argument("--light-requests", type=int, default=1000, help="GET /v1/model requests per round")
     p.add_argument("--images", type=int, default=16)
@@ -95,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     latencies: dict[str, list[float]] = {name: [] for name in VARIANTS}
     walls: dict[str, float] = dict.fromkeys(VARIANTS, 0.0)
     light_walls: dict[str, float] = dict.fromkeys(VARIANTS, 0.0)
+    cpu: dict[str, float] = dict.fromkeys(VARIANTS, 0.0)
+    light_cpu: dict[str, float] = dict.fromkeys(VARIANTS, 0.0)
     server_ms: dict[str, list[float]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="front-door-") as folder:
         for _ in range(args.rounds):
@@ -105,10 +119,14 @@ def main(argv: list[str] | None = None) -> None:
                 headers = {"Authorization": f"Bearer {KEY}"} if "MRCNN_API_KEYS" in env else {}
                 try:
                     asyncio.run(load(url, bodies[:2], 1, 2, params, headers))  # warm the server's paths
+                    cpu0 = cpu_seconds(server.pid)
                     wall, lat, served = asyncio.run(load(url, bodies, args.concurrency, args.requests, params,
                                                          headers))
+                    cpu1 = cpu_seconds(server.pid)
                     light_walls[name] += asyncio.run(light_load(url, "/v1/model", args.concurrency,
                                                                 args.light_requests, headers))
+                    cpu[name] += cpu1 - cpu0
+                    light_cpu[name] += cpu_seconds(server.pid) - cpu1
                 finally:
                     server.terminate()
                     server.wait(60)
@@ -116,9 +134,8 @@ def main(argv: list[str] | None = None) -> None:
                 latencies[name] += lat
                 server_ms[name] += [t["total_ms"] for t in served]
                 print(name, f"{args.requests / wall:.2f} img/s", flush=True)
-        spans = sum(1 for f in Path(folder).glob("*.stdout") for line in f.open() if '"name":' in line)
-        log_lines = {name: sum(1 for _ in (Path(folder) / f"{name.replace(' ', '_')}.stderr").open())
-                     for name in VARIANTS}
+        spans = sum(1 for f in Path(folder).glob("*.stdout") for line in f.open() if line.startswith('    "name":'))
+        log_bytes = {name: (Path(folder) / f"{name.replace(' ', '_')}.stderr").stat().st_size for name in VARIANTS}
 
     total, light = args.rounds * args.requests, args.rounds * args.light_requests
     rows = []
@@ -127,8 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         thr, lat, light_thr = total / walls[name], latencies[name], light / light_walls[name]
         rows.append([name, str(total), f"{thr:.2f}", f"{thr / base - 1:+.1%}", f"{percentile(lat, 50) * 1e3:.0f}",
                      f"{percentile(lat, 95) * 1e3:.0f}", f"{percentile(lat, 99) * 1e3:.0f}",
-                     f"{statistics.median(server_ms[name]):.1f}", f"{light_thr:.0f}",
-                     f"{light_thr / light_base - 1:+.1%}", f"{1e3 / light_thr:.2f}", str(log_lines[name])])
+                     f"{statistics.median(server_ms[name]):.1f}", f"{cpu[name] / total * 1e3:.0f}",
+                     f"{light_thr:.0f}", f"{light_thr / light_base - 1:+.1%}",
+                     f"{light_cpu[name] / light * 1e3:.2f}", f"{log_bytes[name] / (total + light):.0f}"])
         print(rows[-1], flush=True)
     cmd = "python -m benchmarks.front_door " + shlex.join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
@@ -140,17 +158,20 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.rounds} alternating rounds of {args.requests} requests per variant. {machine()}. The machine is "
         "shared with other sessions' test runs: the figures move by several percent from run to run.",
         "",
-        "On: `MRCNN_API_KEYS` (each request sends `Authorization: Bearer`), `MRCNN_LOG_FORMAT=json`, "
-        "`OTEL_TRACES_EXPORTER=console` (batch span processor, spans written to a file: "
-        f"{spans} spans in all). Off: no keys, text logs, no tracing. Both log one line per request at INFO.",
+        "keys: `MRCNN_API_KEYS` (each request sends `Authorization: Bearer`); JSON logs: `MRCNN_LOG_FORMAT=json`; "
+        "traces: `OTEL_TRACES_EXPORTER=console` (batch span processor, the console exporter's indented JSON "
+        f"written to a file: {spans} spans in all). Off: no keys, text logs, no tracing. All log one line per "
+        "request at INFO.",
         "",
         table(["variant", "requests", "img/s", "vs off", "p50 ms", "p95 ms", "p99 ms", "server total ms (median)",
-               "GET /v1/model req/s", "vs off", "ms per request", "log lines"], rows),
+               "server CPU ms / image", "GET /v1/model req/s", "vs off", "server CPU ms / GET",
+               "log bytes / request"], rows),
         "",
         "The segmenting load is bound by ONNX Runtime (hundreds of ms per image on these 2 shared cores): the "
         f"front door's cost is below its noise. `GET /v1/model` ({args.light_requests} requests a round, same "
         "concurrency, no model behind it) shows the front door's own cost per request: key check, request ID, "
-        "log line, server span.",
+        "log line, server span. Server CPU: the server process's user + system time over the load "
+        "(/proc/PID/stat), divided by the requests; steadier than the wall time on a shared machine.",
     ])
     if not args.no_write:
         write_section("front_door", body)
