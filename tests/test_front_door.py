@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
@@ -44,6 +45,7 @@ from service.web.tracing import TracingConfigError, tracer_provider_from_env
 from tests.helpers import ServerThread, encode, free_port, metric_values, sample, scene
 
 ENV_KEY, FILE_KEY, HASHED_KEY = "env-key-0123456789", "file-key-abcdefghij", "hashed-key-klmnopqrst"
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "shapes-demo"  # the demo model's name, as GET /v1/model reports it
 
@@ -58,6 +60,16 @@ def keys_file(folder: Path) -> Path:
 
 def png() -> bytes:
     return encode(scene(3)[0])
+
+
+def eventually(found: Callable[[], list[T]], count: int = 1) -> list[T]:
+    """``found()`` once it has ``count`` items or more: the server logs a request and ends its span just after the
+    response has left, so the client may see the answer first."""
+    deadline = time.monotonic() + 10
+    while len(items := found()) < count:
+        assert time.monotonic() < deadline, f"found {len(items)} of {count}"
+        time.sleep(0.02)
+    return items
 
 
 class LogCapture:
@@ -198,10 +210,12 @@ def test_the_schema_declares_both_ways_of_sending_a_key(keyed: ServerThread) -> 
 
 
 def test_keys_never_reach_the_log(keyed: ServerThread, logs: LogCapture) -> None:
+    ids = [f"no-key-in-the-log-{i}" for i in range(2 * len(GIVEN))]
     with httpx.Client(base_url=keyed.url, timeout=120) as client:
-        for headers in GIVEN.values():
-            segment(client, headers)
-            client.get("/v1/model", headers=headers)
+        for i, headers in enumerate(GIVEN.values()):
+            segment(client, {**headers, "X-Request-ID": ids[2 * i]})
+            client.get("/v1/model", headers={**headers, "X-Request-ID": ids[2 * i + 1]})
+    eventually(lambda: [line for line in logs.lines() if line.get("request_id") in ids], len(ids))
     assert "POST /segment 401" in logs.text and "POST /segment 200" in logs.text
     for secret in (ENV_KEY, FILE_KEY, HASHED_KEY, "not-a-key"):
         assert secret not in logs.text
@@ -214,7 +228,7 @@ def test_a_sane_request_id_is_kept_and_logged(keyed: ServerThread, logs: LogCapt
     with httpx.Client(base_url=keyed.url, timeout=120) as client:
         r = segment(client, {"X-API-Key": ENV_KEY, "X-Request-ID": "client-42:retry/1"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "client-42:retry/1"
-    (line,) = [entry for entry in logs.lines() if entry.get("request_id") == "client-42:retry/1"]
+    (line,) = eventually(lambda: [entry for entry in logs.lines() if entry.get("request_id") == "client-42:retry/1"])
     assert line["logger"] == "service.access" and line["route"] == "/segment" and line["status"] == 200
     assert line["client"] == "127.0.0.1" and line["detections"] == len(r.json()["detections"])
     for key in ("decode_ms", "queue_ms", "inference_ms", "postprocess_ms", "latency_ms"):
@@ -453,7 +467,7 @@ def test_a_request_gives_its_span_tree_under_the_callers_trace(traced: tuple[Ser
     r = httpx.post(server.url + "/segment", content=png(), timeout=120,
                    headers={"content-type": "image/png", "traceparent": traceparent(trace_id, parent_id)})
     assert r.status_code == 200
-    spans = [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
+    spans = eventually(lambda: [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id], 6)
     (root,) = [s for s in spans if s.parent is not None and s.parent.span_id == parent_id]
     assert root.name == "POST /segment" and root.kind == SpanKind.SERVER and root.parent.is_remote
     assert root.attributes["http.status_code"] == 200 and root.attributes["http.route"] == "/segment"
@@ -468,7 +482,8 @@ def test_a_request_gives_its_span_tree_under_the_callers_trace(traced: tuple[Ser
     starts = [children[name].start_time for name in order]
     assert starts[:2] == sorted(starts[:2]) and starts[2:] == sorted(starts[2:])
     assert all(root.start_time <= s.start_time and s.end_time <= root.end_time for s in children.values())
-    (line,) = [entry for entry in logs.lines() if entry.get("request_id") == r.headers["x-request-id"]]
+    rid = r.headers["x-request-id"]
+    (line,) = eventually(lambda: [entry for entry in logs.lines() if entry.get("request_id") == rid])
     assert line["trace_id"] == f"{trace_id:032x}"
     exporter.clear()
     assert httpx.get(server.url + "/readyz").status_code == 200
@@ -493,6 +508,8 @@ def test_a_batch_has_one_inference_span_linked_with_each_request(
             held.wait_for(lambda i=i: held.queued() == i)
         held.gate.set()
         assert first.result().status_code == 200 and all(a.result().status_code == 200 for a in answers)
+    eventually(lambda: [s for s in exporter.get_finished_spans()
+                        if s.kind == SpanKind.SERVER and s.context.trace_id in trace_ids], 3)
     spans = exporter.get_finished_spans()
     servers = {s.context.trace_id: s for s in spans if s.kind == SpanKind.SERVER and s.context.trace_id in trace_ids}
     (batch,) = [s for s in spans if s.name == "inference" and s.attributes["mrcnn.batch_size"] == 3]
