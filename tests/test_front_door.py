@@ -34,6 +34,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from pydantic import ValidationError
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
@@ -694,3 +695,12 @@ def test_bad_timeouts_and_priorities_are_refused(one_at_a_time: ServerThread) ->
     r = httpx.post(f"{one_at_a_time.url}/v2/models/{MODEL}/infer", timeout=120,  # 0: Triton's "none" / "default"
                    json={"inputs": [image], "parameters": {"timeout": 0, "priority": 0}})
     assert r.status_code == 200, r.text
+
+
+def test_tls_settings_come_from_the_environment_in_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MRCNN_SSL_CERTFILE", "/run/tls/tls.crt")
+    with pytest.raises(ValidationError, match="ssl_certfile and ssl_keyfile go together"):
+        Settings()
+    monkeypatch.setenv("MRCNN_SSL_KEYFILE", "/run/tls/tls.key")
+    settings = Settings()
+    assert (settings.ssl_certfile, settings.ssl_keyfile) == (Path("/run/tls/tls.crt"), Path("/run/tls/tls.key"))
