@@ -123,9 +123,11 @@ def batch_stats(url: str) -> tuple[float, float]:
 
 
 async def load(
-    url: str, bodies: list[bytes], concurrency: int, requests: int, params: dict[str, str]
+    url: str, bodies: list[bytes], concurrency: int, requests: int, params: dict[str, str],
+    headers: dict[str, str] | None = None,
 ) -> tuple[float, list[float], list[dict[str, float]]]:
-    """Closed loop: ``concurrency`` clients, each sending its next request when the last is answered.
+    """Closed loop: ``concurrency`` clients, each sending its next request when the last is answered, with
+    ``headers`` besides the content type (an API key).
 
     Returns the wall time, each request's latency and each response's server-side timings (plus its
     detection count).
@@ -142,7 +144,7 @@ async def load(
             for i in counter:
                 t = time.perf_counter()
                 r = await client.post("/segment", content=bodies[i % len(bodies)], params=params,
-                                      headers={"content-type": "image/jpeg"})
+                                      headers={"content-type": "image/jpeg", **(headers or {})})
                 latencies.append(time.perf_counter() - t)
                 if r.status_code != 200:
                     raise RuntimeError(f"status {r.status_code}: {r.text[:200]}")

@@ -25,6 +25,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.app import load_app_or_exit
 from service.core.settings import Settings
+from service.web.logs import configure_logging
 
 
 class OneSendTransport:
@@ -110,16 +111,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", help="bind address (default: MRCNN_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: MRCNN_PORT or 8000)")
     p.add_argument("--grpc-port", type=int, help="gRPC port, 0: none (default: MRCNN_GRPC_PORT or 8001)")
+    p.add_argument("--ssl-certfile", type=Path, help="serve HTTPS with this PEM certificate chain "
+                   "(default: MRCNN_SSL_CERTFILE)")
+    p.add_argument("--ssl-keyfile", type=Path, help="the certificate's PEM private key (default: MRCNN_SSL_KEYFILE)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    given = {"model_path": args.model, "host": args.host, "port": args.port, "grpc_port": args.grpc_port}
+    given = {"model_path": args.model, "host": args.host, "port": args.port, "grpc_port": args.grpc_port,
+             "ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile}
     overrides = {k: v for k, v in given.items() if v is not None}
     settings = Settings(**overrides)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_format, args.log_level)
     app = load_app_or_exit(settings)
     pipeline = app.state.pipeline
 
@@ -130,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None, lifespan="on", http=OneSendH11Protocol,
+        log_config=None,  # uvicorn's lines go through our handler (configure_logging): same format, same context
+        ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile,
     )
     grpc_door = app.state.grpc
     on_close = partial(grpc_door.stop, settings.drain_timeout_s) if grpc_door is not None else None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 
 from tests.helpers import encode, free_port, metric_values, scene
 
@@ -107,8 +108,23 @@ def world_readable_tmpdir(prefix: str) -> Path:
     return d
 
 
-def rewrite_nginx_conf(text: str, upstream_ports: list[int], listen_port: int, prefix: Path) -> str:
-    """docker/nginx.conf for loopback: upstream servers, listen address, /tmp and log paths."""
+def write_tls_files(folder: Path) -> trustme.CA:
+    """A certificate for 127.0.0.1 as docker-compose.yml mounts one for nginx (``tls.crt``, ``tls.key``), from
+    a throwaway CA, which is returned for the clients to trust."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tls.crt").write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(folder / "tls.key"))
+    for name in ("tls.crt", "tls.key"):  # nginx's workers (nobody, when started as root) read them
+        (folder / name).chmod(0o644)
+    return ca
+
+
+def rewrite_nginx_conf(text: str, upstream_ports: list[int], listen_port: int, prefix: Path,
+                       tls_port: int) -> str:
+    """docker/nginx.conf for loopback: upstream servers, listen addresses (plain and TLS), the certificate's
+    folder (``prefix``/tls, see write_tls_files), /tmp and log paths."""
 
     def upstream(m: re.Match) -> str:
         body = m.group(2)
@@ -126,7 +142,10 @@ def rewrite_nginx_conf(text: str, upstream_ports: list[int], listen_port: int, p
     text = re.sub(r"^\s*resolver\s[^;]*;\n", "", text, flags=re.M)
     text, n = re.subn(r"\blisten\s+8080\s*;", f"listen 127.0.0.1:{listen_port};", text)
     assert n == 1, "docker/nginx.conf must listen on 8080"
+    text, n = re.subn(r"\blisten\s+8443\s+ssl\s*;", f"listen 127.0.0.1:{tls_port} ssl;", text)
+    assert n == 1, "docker/nginx.conf must listen on 8443 with TLS"
     text = text.replace("/tmp/", f"{prefix}/")
+    text = text.replace("/etc/nginx/tls/", f"{prefix}/tls/")  # after /tmp/: the prefix may be under /tmp
     text = text.replace("/dev/stderr", str(prefix / "error.log"))
     text = text.replace("/dev/stdout", str(prefix / "access.log"))
     return text
@@ -136,10 +155,13 @@ class Nginx:
     def __init__(self, upstream_ports: list[int]):
         assert NGINX is not None
         self.prefix = world_readable_tmpdir("mrcnn-nginx-")
-        self.port = free_port()
+        self.port, self.tls_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.tls_url = f"https://127.0.0.1:{self.tls_port}"
+        self.ca = write_tls_files(self.prefix / "tls")
         conf = self.prefix / "nginx.conf"
-        conf.write_text(rewrite_nginx_conf(NGINX_CONF.read_text(), upstream_ports, self.port, self.prefix))
+        conf.write_text(rewrite_nginx_conf(NGINX_CONF.read_text(), upstream_ports, self.port, self.prefix,
+                                           self.tls_port))
         self.access_log = self.prefix / "access.log"
         self.error_log = self.prefix / "error.log"
         check = subprocess.run(

@@ -223,14 +223,16 @@ def sample(values: dict, name: str, **labels: str) -> float:
 
 
 class ServerThread:
-    """uvicorn running the app in a background thread, on a free loopback port."""
+    """uvicorn running the app in a background thread, on a free loopback port; ``config`` goes to
+    uvicorn.Config (``ssl_certfile`` and ``ssl_keyfile`` make it HTTPS)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, **config: Any) -> None:
         self.app = app
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
+        self.port = port = free_port()
+        scheme = "https" if config.get("ssl_certfile") else "http"
+        self.url = f"{scheme}://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    lifespan="on"))
+                                                    lifespan="on", **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> ServerThread:

@@ -51,6 +51,7 @@ from tests.deployment import (
     http_client,
     requests_served,
     stop_process,
+    write_tls_files,
 )
 from tests.helpers import free_port, iou
 
@@ -619,9 +620,10 @@ def test_compose_brings_up_the_stack(engine: Engine, images: Images):
     (work / "nginx.conf").write_text(nginx_conf_for_debian(NGINX_CONF.read_text()))
     override = work / "override.yml"
     override.write_text(f"services:\n  lb:\n    volumes:\n      - {work / 'nginx.conf'}:/etc/nginx/nginx.conf:ro\n")
-    lb_port, prom_port = free_port(), free_port()
+    lb_port, tls_port, prom_port = free_port(), free_port(), free_port()
+    write_tls_files(work / "tls")  # the certificate nginx terminates TLS with, mounted from MRCNN_TLS_DIR
     env = {**engine.env, "COMPOSE_PROJECT_NAME": "mrcnntest", "MRCNN_HTTP_PORT": str(lb_port),
-           "PROMETHEUS_PORT": str(prom_port)}
+           "MRCNN_HTTPS_PORT": str(tls_port), "MRCNN_TLS_DIR": str(work / "tls"), "PROMETHEUS_PORT": str(prom_port)}
     compose = [COMPOSE, "-f", str(ROOT / "docker-compose.yml"), "-f", str(override)]
 
     def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:

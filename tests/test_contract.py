@@ -17,7 +17,8 @@ from contract import GraphMetadata, MetadataError, pad_batch, padded_size, resiz
 
 SERVICE_CORE = ("service.core.runtime", "service.core.batcher", "service.core.pipeline", "service.core.postprocess",
                 "service.core.images", "service.core.options", "service.core.errors", "service.core.metrics",
-                "service.core.settings", "service.core.segmentation", "service.core.tiling", "service.core.stitching")
+                "service.core.settings", "service.core.segmentation", "service.core.tiling", "service.core.stitching",
+                "service.core.api_keys", "service.core.tracing")
 WEB_FRAMEWORKS = ("fastapi", "starlette")
 
 

@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -33,6 +34,7 @@ import pytest
 from PIL import Image
 
 from tests.deployment import (
+    IMAGES,
     NGINX,
     NGINX_CONF,
     REQUEST_TIMEOUT_S,
@@ -50,6 +52,7 @@ from tests.deployment import (
     stop_process,
     wait_http,
     world_readable_tmpdir,
+    write_tls_files,
 )
 from tests.helpers import free_port
 
@@ -389,13 +392,15 @@ def test_nginx_config_policy():
     prefix = world_readable_tmpdir("mrcnn-nginx-check-")
     try:
         cfg = prefix / "nginx.conf"
-        cfg.write_text(rewrite_nginx_conf(conf, [18001, 18002], 18080, prefix))
+        write_tls_files(prefix / "tls")
+        cfg.write_text(rewrite_nginx_conf(conf, [18001, 18002], 18080, prefix, 18443))
         res = subprocess.run([NGINX, "-t", "-p", str(prefix), "-c", str(cfg), "-e", str(prefix / "e.log")],
                              capture_output=True, text=True, timeout=30)
         assert res.returncode == 0, res.stderr
         text = cfg.read_text()
         assert "server 127.0.0.1:18001 max_fails=" in text and "server 127.0.0.1:18002 max_fails=" in text
-        assert "listen 127.0.0.1:18080;" in text and "/tmp/" not in text.replace(str(prefix), "")
+        assert "listen 127.0.0.1:18080;" in text and "listen 127.0.0.1:18443 ssl;" in text
+        assert "/tmp/" not in text.replace(str(prefix), "") and "/etc/nginx/tls/" not in text
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
 
@@ -468,6 +473,24 @@ def test_lb_spreads_requests_over_both_replicas(replicas, lb):
     with http_client(10.0) as c:
         assert c.get(lb.url + "/healthz").status_code == 200
         assert c.get(lb.url + "/readyz").status_code == 200
+
+
+@pytest.mark.slow
+@needs_nginx
+def test_lb_terminates_tls(replicas, lb):
+    """HTTPS at nginx with the mounted certificate, plain HTTP to the replicas behind; the client's request ID
+    reaches the replica and comes back; nginx makes one when the client sends none."""
+    context = ssl.create_default_context()
+    lb.ca.configure_trust(context)
+    with httpx.Client(verify=context, timeout=60, trust_env=False) as c:
+        r = c.post(lb.tls_url + "/segment", content=IMAGES[0], headers={"content-type": "image/png",
+                                                                         "X-Request-ID": "through-nginx-1"})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-request-id"] == "through-nginx-1" and r.headers["x-upstream"]
+        own = c.get(lb.tls_url + "/healthz").headers["x-request-id"]
+        assert len(own) == 32 and int(own, 16) >= 0  # nginx's $request_id, kept by the replica
+    with pytest.raises(httpx.HTTPError):  # a client that does not trust the CA
+        httpx.get(lb.tls_url + "/healthz", trust_env=False)
 
 
 @pytest.mark.slow

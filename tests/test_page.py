@@ -266,3 +266,34 @@ def test_the_tiling_toggle_sends_the_image_again_with_tiles_auto(page, tmp_path:
     WebDriverWait(page, WAIT_S).until(lambda d: "total" in timings.text and "tiles" not in timings.text)
     assert items(page) == untiled
     assert console_errors(page) == []
+
+
+def test_the_page_asks_for_the_api_key(driver, shapes_image: KnownImage) -> None:
+    """With keys on the server, the page (open) asks for a key, shows the server's 401 message for a wrong one,
+    and with the right one describes the model and draws the masks of an upload."""
+    from service.app import create_app
+    from service.core.settings import DEFAULT_MODEL_PATH, Settings
+    from tests.helpers import ServerThread
+
+    key = "page-key-0123456789"
+    settings = Settings(model_path=DEFAULT_MODEL_PATH, api_keys=key, max_upload_bytes=DEMO_MAX_UPLOAD,
+                        request_timeout_s=600)
+    with ServerThread(create_app(settings)) as server:
+        driver.get(f"{server.url}/")
+        wait = WebDriverWait(driver, WAIT_S)
+        wait.until(lambda d: d.find_element(By.ID, "key-form").is_displayed())
+        assert "an API key is required" in driver.find_element(By.ID, "error").text
+        field = driver.find_element(By.ID, "api-key")
+        field.send_keys("not-the-key" + Keys.ENTER)
+        wait.until(lambda d: d.find_element(By.ID, "error").text == "401: the API key is not valid")
+        assert driver.find_element(By.ID, "key-form").is_displayed()
+        field.clear()
+        field.send_keys(key + Keys.ENTER)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#classes input"))
+        assert not driver.find_element(By.ID, "key-form").is_displayed()
+        assert not driver.find_element(By.ID, "error").is_displayed()
+        driver.find_element(By.CSS_SELECTOR, "input#image").send_keys(str(shapes_image.path))
+        wait.until(lambda d: items(d))
+        pixels = canvas_pixels(driver)
+        assert pixels.shape == shapes_image.image.shape and not np.array_equal(pixels, shapes_image.image)
+        assert all("401 (Unauthorized)" in e for e in console_errors(driver))  # the refusals, nothing else

@@ -8,12 +8,15 @@ a single inference thread (one ORT call); each job's future gets exactly its own
 by position. A job whose caller gave up (deadline, disconnect) is cancelled and dropped before it runs.
 A request that sends several images (a tiled one) first holds one place of the capacity per image
 (``slot.hold(n)``, or QueueFull at once), then submits them.
+Waiting jobs are taken by priority (a lower number first, as Triton's levels: 1 is the highest), in arrival
+order within one priority.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +64,7 @@ class Slot(Generic[P, R]):
         self.submitted = False
         self.places = 1  # of the batcher's capacity: one, or one per image of a tiled request (``hold``)
         self.jobs = 0
+        self.admitted_at = time.perf_counter()  # a request's own timeout counts from here
 
     def hold(self, places: int) -> None:
         """Count this request as ``places`` requests against the capacity (a tiled request: one per image
@@ -68,15 +72,16 @@ class Slot(Generic[P, R]):
         free. It may then submit that many payloads."""
         self._batcher._hold(self, places)
 
-    def submit(self, payload: P) -> Job[P, R]:
-        """Queue the payload; await ``job.future`` for this request's own result. Once per place held.
+    def submit(self, payload: P, priority: int = 0) -> Job[P, R]:
+        """Queue the payload, ahead of waiting jobs of a larger ``priority`` number; await ``job.future`` for
+        this request's own result. Once per place held.
 
         Cancelling the future (e.g. ``asyncio.timeout`` around the await) drops the job if it has not
         started; if its batch is already running, the result is discarded.
         """
         if self.jobs >= self.places:
             raise RuntimeError("a slot submits once per place it holds")
-        job = self._batcher._enqueue(payload, arrived=not self.submitted)
+        job = self._batcher._enqueue(payload, priority, arrived=not self.submitted)
         self.submitted = True
         self.jobs += 1
         return job
@@ -101,7 +106,8 @@ class DynamicBatcher(Generic[P, R]):
         self.capacity = capacity
         self._on_batch = on_batch
         self._on_depth = on_depth
-        self._queue: asyncio.Queue[Job[P, R]] | None = None
+        self._queue: asyncio.PriorityQueue[tuple[int, int, Job[P, R]]] | None = None
+        self._arrivals = itertools.count()  # ties within a priority go in arrival order
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.admitted = 0  # requests holding a slot: decoding, queued, running or post-processing
@@ -111,7 +117,7 @@ class DynamicBatcher(Generic[P, R]):
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Create the queue, the inference thread and the collector task on the running loop."""
-        self._queue = asyncio.Queue()
+        self._queue = asyncio.PriorityQueue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task = asyncio.create_task(self._collect(), name="batch-collector")
 
@@ -154,13 +160,13 @@ class DynamicBatcher(Generic[P, R]):
         self.admitted += max(more, 0)
         slot.places = max(places, slot.places)
 
-    def _enqueue(self, payload: P, arrived: bool = True) -> Job[P, R]:
+    def _enqueue(self, payload: P, priority: int, arrived: bool = True) -> Job[P, R]:
         if self._queue is None:
             raise RuntimeError("DynamicBatcher.start() was not called")
         if arrived:  # the request's first job: it is no longer on its way
             self.arriving -= 1
         job: Job[P, R] = Job(payload, asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(job)
+        self._queue.put_nowait((priority, next(self._arrivals), job))
         self._depth()
         return job
 
@@ -172,18 +178,18 @@ class DynamicBatcher(Generic[P, R]):
     async def _gather(self) -> list[Job[P, R]]:
         """The next batch: first job, then whatever comes within max_wait_s while more is expected."""
         assert self._queue is not None
-        batch = [await self._queue.get()]
+        batch = [(await self._queue.get())[-1]]
         loop = asyncio.get_running_loop()
         until = loop.time() + self.max_wait_s
         while len(batch) < self.max_batch_size:
             if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+                batch.append(self._queue.get_nowait()[-1])
                 continue
             remaining = until - loop.time()
             if self.arriving <= 0 or remaining <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                batch.append((await asyncio.wait_for(self._queue.get(), remaining))[-1])
             except TimeoutError:
                 break
         self._depth()

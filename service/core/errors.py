@@ -48,3 +48,7 @@ class DeadlineExceeded(ServiceError):
 
 class InternalError(ServiceError):
     """The server failed on this request."""
+
+
+class Unauthorized(ServiceError):
+    """The request carries no API key, or one the server does not know."""

@@ -23,6 +23,9 @@ from service.core.tiling import DEFAULT_OVERLAP, MAX_OVERLAP, SPEC_HELP, Tiling,
 
 Format = Literal["rle", "polygons"]
 FORMATS: tuple[Format, ...] = typing.get_args(Format)
+# The priority of a request that names none (or 0, Triton's "the default"): the highest, so that a priority
+# can only let a request yield to others (a bulk job to interactive traffic), never push ahead of them.
+DEFAULT_PRIORITY = 1
 
 
 class SegmentOptions(BaseModel):
@@ -47,6 +50,14 @@ class SegmentOptions(BaseModel):
     tile_full_image: bool | None = Field(
         None, description="With tiles, also run the whole image at the model's size, so large objects are not "
         "only seen in pieces (default false)"
+    )
+    timeout_ms: float | None = Field(
+        None, gt=0, description="Answer 504 rather than later than this after arrival, without running the model "
+        "if it has not started (the server's deadline stays the cap)"
+    )
+    priority: int | None = Field(
+        None, ge=0, description=f"Served before waiting requests of a larger number; 1 is the highest and "
+        f"the default ({DEFAULT_PRIORITY}; 0 means the default)"
     )
 
     @field_validator("classes", "formats", mode="before")
@@ -104,6 +115,8 @@ class Resolved:
     rle: bool
     polygons: bool
     tiling: Tiling | None = None  # None: the image is run whole
+    timeout_s: float | None = None  # the request's own, from its arrival
+    priority: int = DEFAULT_PRIORITY
 
 
 def resolve(options: SegmentOptions, default_threshold: float, info: GraphMetadata) -> Resolved:
@@ -126,6 +139,8 @@ def resolve(options: SegmentOptions, default_threshold: float, info: GraphMetada
         rle="rle" in formats,
         polygons="polygons" in formats,
         tiling=resolve_tiling(options),
+        timeout_s=None if options.timeout_ms is None else options.timeout_ms / 1e3,
+        priority=options.priority or DEFAULT_PRIORITY,
     )
 
 

@@ -19,11 +19,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
+from service.core import tracing
 from service.core.batcher import BatchStats, Draining, DynamicBatcher, QueueFull, Slot
 from service.core.errors import DeadlineExceeded, InternalError, InvalidOption, ServiceError, Unavailable
 from service.core.metrics import Metrics, Route
@@ -43,10 +46,11 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class BatchItem:
-    """What one request puts in a batch: its resized image and its own score threshold."""
+    """What one request puts in a batch: its resized image, its own score threshold and its trace."""
 
     image: Resized
     score_threshold: float
+    trace: tracing.BatchTrace = field(default_factory=tracing.BatchTrace)  # captures the caller's context
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,10 @@ class Sliced:
 class Pipeline:
     """The model, the batcher, the worker pool and the metrics of one server."""
 
-    def __init__(self, settings: Settings, model: OnnxModel) -> None:
+    def __init__(self, settings: Settings, model: OnnxModel, tracer: Tracer | None = None) -> None:
         self.settings = settings
         self.model = model
+        self.tracer = tracer or trace.NoOpTracer()  # service/core/tracing.py's spans
         self.metrics = Metrics()
         info = model.metadata
         self.metrics.model.info({"name": info.model_name, "version": info.model_version, "arch": info.architecture})
@@ -131,9 +136,13 @@ class Pipeline:
                  ", ".join(self.model.providers))
 
     def execute(self, requests: list[BatchItem]) -> list[Prediction | Exception]:
-        """In the inference thread: pad, one ORT call, split per image. If the batch fails, each request
-        is run alone, so that one bad request gets its own error and its neighbours their results."""
-        return run_batch(self.model, [r.image for r in requests], [r.score_threshold for r in requests])
+        """In the inference thread: pad, one ORT call, split per image, under the batch's one span. If the
+        batch fails, each request is run alone, so that one bad request gets its own error and its neighbours
+        their results."""
+        with tracing.batch_span(self.tracer, [r.trace for r in requests]) as span:
+            results = run_batch(self.model, [r.image for r in requests], [r.score_threshold for r in requests])
+            span.set_attribute(tracing.DETECTIONS, sum(len(r.scores) for r in results if isinstance(r, Prediction)))
+            return results
 
     def drain(self) -> None:
         """Readiness off (SIGTERM); requests are still served until ``stop``."""
@@ -197,19 +206,36 @@ class Pipeline:
     ) -> Segmented:
         """One admitted request's work: decode and resize ``image`` (an encoded file, or RGB uint8 pixels
         [H, W, 3]), infer in whichever batch it joins, keep the detections ``options`` asks for and encode
-        only the mask formats it asks for."""
+        only the mask formats it asks for; within the request's own timeout, if it has one (DeadlineExceeded
+        past it: its job is dropped unless its batch is already running)."""
+        if options.timeout_s is None:
+            return await self._segment(slot, image, options)
+        try:
+            async with asyncio.timeout(max(slot.admitted_at + options.timeout_s - time.perf_counter(), 0.0)):
+                return await self._segment(slot, image, options)
+        except TimeoutError:
+            limit_ms = options.timeout_s * 1e3
+            raise DeadlineExceeded("deadline_exceeded", f"not answered within its timeout of {limit_ms:g} ms") from None
+
+    async def _segment(
+        self, slot: Slot[BatchItem, Prediction], image: bytes | np.ndarray, options: Resolved
+    ) -> Segmented:
         decode_started = time.perf_counter()
         if options.tiling is not None:
-            sliced = await self.in_pool(self._slice, image, options.tiling)
+            with self.tracer.start_as_current_span(tracing.DECODE):
+                sliced = await self.in_pool(self._slice, image, options.tiling)
             if sliced.views is not None:
                 return await self.segment_tiles(slot, sliced, options, decode_started)
             image = sliced.pixels
         self.metrics.tiles.observe(1)
-        resized = await self.in_pool(self._prepare, image)
+        with self.tracer.start_as_current_span(tracing.DECODE):
+            resized = await self.in_pool(self._prepare, image)
         decode_s = time.perf_counter() - decode_started
-        inferred = await self.infer(slot, BatchItem(resized, options.score_threshold))
+        inferred = await self.infer(slot, BatchItem(resized, options.score_threshold), options.priority)
         post_started = time.perf_counter()
-        done = await self.in_pool(finish, inferred.prediction, options)
+        with self.tracer.start_as_current_span(tracing.POSTPROCESS) as span:
+            done = await self.in_pool(finish, inferred.prediction, options)
+            span.set_attribute(tracing.DETECTIONS, len(done.prediction.scores))
         postprocess_s = time.perf_counter() - post_started
         self.metrics.postprocess.observe(postprocess_s)
         self.metrics.detections.inc(len(done.prediction.scores))
@@ -233,14 +259,16 @@ class Pipeline:
         queue_s = run_s = 0.0
         biggest = 0
         for first in range(0, len(items), self.batcher.max_batch_size):
-            jobs = [slot.submit(BatchItem(item, options.score_threshold))
+            jobs = [slot.submit(BatchItem(item, options.score_threshold), options.priority)
                     for item in items[first : first + self.batcher.max_batch_size]]
             preds.extend(await asyncio.gather(*(job.future for job in jobs)))
             queue_s += max(job.queue_s for job in jobs)
             run_s += max(job.run_s for job in jobs)
             biggest = max(biggest, *(job.batch_size for job in jobs))
         post_started = time.perf_counter()
-        pred, masks = await self.in_pool(self._stitch, preds, views, options, (height, width))
+        with self.tracer.start_as_current_span(tracing.POSTPROCESS) as span:
+            pred, masks = await self.in_pool(self._stitch, preds, views, options, (height, width))
+            span.set_attribute(tracing.DETECTIONS, len(pred.scores))
         postprocess_s = time.perf_counter() - post_started
         self.metrics.postprocess.observe(postprocess_s)
         self.metrics.detections.inc(len(pred.scores))
@@ -283,10 +311,12 @@ class Pipeline:
         model's policy."""
         return prepare(self.model, image, self.settings.max_image_pixels)
 
-    async def infer(self, slot: Slot[BatchItem, Prediction], request: BatchItem) -> Inferred:
+    async def infer(self, slot: Slot[BatchItem, Prediction], request: BatchItem, priority: int) -> Inferred:
         """The request's detections, from whichever batch it joins."""
-        job = slot.submit(request)
+        submitted_ns = time.time_ns()
+        job = slot.submit(request, priority)
         prediction = await job.future
+        tracing.record_queue_wait(self.tracer, request.trace, submitted_ns, job.queue_s, job.batch_size, priority)
         return Inferred(prediction, job.queue_s, job.run_s, job.batch_size)
 
     async def in_pool(self, fn: Callable[..., T], *args: Any) -> T:

@@ -7,11 +7,12 @@ image and compose file set the same variables (``MRCNN_MODEL_PATH``, ``MRCNN_PRO
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+LogFormat = Literal["text", "json"]
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "models" / "demo" / "model.onnx"
 
 
@@ -55,11 +56,35 @@ class Settings(BaseSettings):
     grpc_port: int = Field(
         8001, ge=0, le=65535, description="Port of the Open Inference Protocol over gRPC, on ``host`` (0: not served)."
     )
+    # The production front door (docs/front_door.md).
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="API keys, comma-separated in the env; with none here or in the "
+        "file, every route is open."
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A file of API keys, one a line (plain, or sha256:<hex> of the key); # comments."
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve /metrics on this port alone (no key), not on the API port."
+    )
+    ssl_certfile: Path | None = Field(None, description="TLS certificate chain (PEM): serve HTTPS.")
+    ssl_keyfile: Path | None = Field(None, description="The certificate's private key (PEM).")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed to call the API from a browser, comma-separated."
+    )
+    log_format: LogFormat = Field("text", description="text, or one JSON object a line.")
 
-    @field_validator("providers", mode="before")
+    @field_validator("providers", "api_keys", "cors_origins", mode="before")
     @classmethod
-    def _split_providers(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         """Accept ``CUDAExecutionProvider,CPUExecutionProvider`` as the Dockerfile writes it."""
         if isinstance(value, str):
             return [p.strip() for p in value.split(",") if p.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        """A certificate without its key (or the reverse) is a mistake, not plain HTTP."""
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together: give both or neither")
+        return self

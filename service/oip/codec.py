@@ -43,9 +43,9 @@ DATATYPES: dict[str, tuple[np.dtype, str]] = {
 }
 # Which JSON numbers each kind of datatype takes (numpy's dtype kinds): no float into an integer tensor.
 JSON_KINDS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
-# Request parameters that Triton's clients set for the server itself (tritonclient.utils), not for a model.
-RESERVED_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers",
-                       "binary_data_output")
+# Request parameters that Triton's clients set for the server itself (tritonclient.utils), not for a model;
+# its schedule-policy ones, ``priority`` and ``timeout``, are the model's options here (service/oip/model.py).
+RESERVED_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end", "headers", "binary_data_output")
 RESERVED_PREFIX = "triton_"
 LENGTH = struct.Struct("<I")
 

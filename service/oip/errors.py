@@ -1,7 +1,7 @@
 """How the Open Inference Protocol says an error: ``{"error": "<message>"}`` under Triton's statuses (400 for
-anything the request got wrong, limits included; 404 unknown model; 503 unavailable, past the deadline too:
-Triton's UNAVAILABLE; 500 internal), with ``Retry-After`` when waiting helps. The one place these statuses
-are chosen."""
+anything the request got wrong, limits included; 401 no or unknown API key; 404 unknown model; 503
+unavailable, past the deadline too: Triton's UNAVAILABLE; 500 internal), with ``Retry-After`` when waiting
+helps. The one place these statuses are chosen."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from service.core.errors import DeadlineExceeded, InternalError, NotFound, ServiceError, Unavailable
+from service.core.errors import DeadlineExceeded, InternalError, NotFound, ServiceError, Unauthorized, Unavailable
 from service.oip.codec import ProtocolErrorResponse
 from service.web.doors import HttpError, error_headers
 
-STATUS: dict[type[ServiceError], int] = {NotFound: 404, InternalError: 500, Unavailable: 503, DeadlineExceeded: 503}
+STATUS: dict[type[ServiceError], int] = {
+    Unauthorized: 401, NotFound: 404, InternalError: 500, Unavailable: 503, DeadlineExceeded: 503,
+}
 # The OpenAPI description of the errors the routes answer.
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ProtocolErrorResponse, "description": "Bad request: input, parameter, output or body"},
+    401: {"model": ProtocolErrorResponse, "description": "No API key, or an unknown one (see WWW-Authenticate)"},
     404: {"model": ProtocolErrorResponse, "description": "Unknown model or version"},
     503: {"model": ProtocolErrorResponse, "description": "Overloaded, draining or past the deadline (see Retry-After)"},
 }

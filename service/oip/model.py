@@ -6,7 +6,8 @@ routes (routes.py) and the gRPC servicer (service/grpc/) both use it.
 - inputs, exactly one of: ``IMAGE`` BYTES [1], one encoded image file (what /segment takes; in a JSON
   body, base64-encoded, since JSON strings cannot carry binary); ``PIXELS`` UINT8 [H, W, 3], RGB, for
   clients that decode themselves (the pixel limit applies, and the model's resize policy);
-- request parameters: ``score_threshold``, ``max_detections``, ``classes`` (as on /segment);
+- request parameters: ``score_threshold``, ``max_detections``, ``classes`` (as on /segment), and Triton's
+  ``timeout`` (microseconds; past it a 503 without running the model) and ``priority`` (1 the highest);
 - outputs, the request's ``outputs`` choosing (default: all but ``polygons``): ``boxes`` FP32 [N, 4]
   (x1, y1, x2, y2 in the original pixels), ``scores`` FP32 [N], ``labels`` INT64 [N] (class ids),
   ``class_names`` BYTES [N], ``masks`` BYTES [N] (each a COCO RLE as a JSON string, for
@@ -35,6 +36,7 @@ from service.core.options import FORMATS, Resolved, SegmentOptions, resolve
 from service.core.pipeline import BatchItem, Pipeline, Segmented
 from service.core.runtime import Prediction
 from service.core.settings import Settings
+from service.core.tracing import ENCODE
 from service.oip.codec import (
     ModelConfig,
     ModelMetadata,
@@ -65,7 +67,10 @@ OUTPUTS = {
 DEFAULT_OUTPUTS = tuple(name for name in OUTPUTS if name != "polygons")
 # The output carrying each mask encoding of service/core/options.py's FORMATS.
 FORMAT_OUTPUTS = dict(zip(FORMATS, ("masks", "polygons"), strict=True))
-OPTION_PARAMETERS = tuple(name for name in SegmentOptions.model_fields if name != "formats")
+# Triton's schedule-policy request parameters: ``priority`` as ours, ``timeout`` in microseconds (0: none).
+TIMEOUT_PARAMETER = "timeout"
+OPTION_PARAMETERS = tuple(TIMEOUT_PARAMETER if name == "timeout_ms" else name
+                          for name in SegmentOptions.model_fields if name != "formats")
 # Not "onnxruntime_onnx", Triton's name for a bare ONNX file on ONNX Runtime: tools would take it to
 # mean that the inputs and outputs are the graph's, when the server decodes, resizes and encodes masks
 # around the graph.
@@ -112,7 +117,7 @@ def tensor_call(request: ParsedRequest, settings: Settings, info: GraphMetadata)
     unknown = sorted(set(parameters) - set(OPTION_PARAMETERS))
     if unknown:
         raise bad_request(f"unknown parameters {unknown}; the model takes {', '.join(OPTION_PARAMETERS)}")
-    options = resolve(SegmentOptions.validated(parameters), settings.score_threshold, info)
+    options = resolve(SegmentOptions.validated(option_values(parameters)), settings.score_threshold, info)
     if request.outputs is None:
         outputs = [(name, request.output_binary(None)) for name in DEFAULT_OUTPUTS]
     else:
@@ -121,6 +126,19 @@ def tensor_call(request: ParsedRequest, settings: Settings, info: GraphMetadata)
         if unknown:
             raise bad_request(f"unknown outputs {unknown}; the model gives {', '.join(OUTPUTS)}")
     return InferCall(request.id, image, _with_outputs(options, [name for name, _ in outputs]), outputs)
+
+
+def option_values(parameters: dict[str, object]) -> dict[str, object]:
+    """The request parameters as SegmentOptions' values: Triton's ``timeout`` in microseconds (0: none, as
+    Triton) becomes ``timeout_ms``."""
+    values = dict(parameters)
+    if TIMEOUT_PARAMETER in values:
+        timeout_us = values.pop(TIMEOUT_PARAMETER)
+        if isinstance(timeout_us, bool) or not isinstance(timeout_us, int | float) or timeout_us < 0:
+            raise bad_request(f"parameter '{TIMEOUT_PARAMETER}' is a count of microseconds, not {timeout_us!r}")
+        if timeout_us > 0:
+            values["timeout_ms"] = timeout_us / 1e3
+    return values
 
 
 def _image(tensor: Tensor) -> bytes | np.ndarray:
@@ -141,13 +159,19 @@ def _with_outputs(options: Resolved, names: Collection[str]) -> Resolved:
     return replace(options, rle=wanted["rle"], polygons=wanted["polygons"])
 
 
-async def answer_call(pipeline: Pipeline, slot: Slot[BatchItem, Prediction], parse: Callable[[], InferCall],
-                      encode: Callable[[InferCall, Segmented], T]) -> T:
+async def answer_call(
+    pipeline: Pipeline, slot: Slot[BatchItem, Prediction], parse: Callable[[], InferCall],
+    encode: Callable[[InferCall, Segmented], T], on_segmented: Callable[[Segmented], None] | None = None,
+) -> T:
     """An admitted infer request's work, whatever the transport: ``parse`` it in a worker thread, segment its
-    image in whichever batch it joins, ``encode`` the answer in a worker thread."""
+    image in whichever batch it joins (``on_segmented`` hears what that cost: the HTTP door's request log),
+    ``encode`` the answer in a worker thread under the trace's encode span."""
     call = await pipeline.in_pool(parse)
     done = await pipeline.segment(slot, call.image, call.options)
-    return await pipeline.in_pool(encode, call, done)
+    if on_segmented is not None:
+        on_segmented(done)
+    with pipeline.tracer.start_as_current_span(ENCODE):
+        return await pipeline.in_pool(encode, call, done)
 
 
 def output_values(name: str, done: Segmented, class_names: list[str]) -> np.ndarray:

@@ -48,6 +48,7 @@ from service.oip.model import (
 )
 from service.web.body import check_declared_length, content_encoding, inflate, read_body
 from service.web.doors import Door
+from service.web.request_log import note_work
 
 PREFIX = "/v2"
 INFER_BODY = {
@@ -120,7 +121,8 @@ async def infer_one(pipeline: Pipeline, request: Request, model: ModelRef) -> Re
     async with pipeline.admitted("v2", started) as slot:
         body = await read_body(request, settings.max_upload_bytes)
         parse = partial(parse_call, body, encoding, length, settings, info)
-        body, json_length = await answer_call(pipeline, slot, parse, partial(encode_call, info=info))
+        encode = partial(encode_call, info=info)
+        body, json_length = await answer_call(pipeline, slot, parse, encode, partial(note_work, request))
     if json_length is None:
         return Response(body, media_type="application/json")
     return Response(body, media_type="application/octet-stream",

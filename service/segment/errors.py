@@ -15,14 +15,17 @@ from service.core.errors import (
     NotFound,
     ServiceError,
     TooLarge,
+    Unauthorized,
     Unavailable,
     UnsupportedMediaType,
 )
 from service.segment.schemas import ErrorResponse
+from service.web import request_id
 from service.web.doors import HttpError, error_headers
 
 STATUS: dict[type[ServiceError], int] = {
     BadRequest: 400,
+    Unauthorized: 401,
     NotFound: 404,
     TooLarge: 413,
     UnsupportedMediaType: 415,
@@ -36,6 +39,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         400: "Undecodable or empty image, malformed JSON or base64",
+        401: "No API key, or an unknown one (when the server has keys; see WWW-Authenticate)",
         413: "Body or pixel count over the limits",
         415: "Unsupported content type, content encoding or image format",
         422: "Bad options",
@@ -52,5 +56,6 @@ def status_of(exc: ServiceError) -> int:
 
 
 def error_response(exc: ServiceError) -> JSONResponse:
-    """The error's body, status and headers."""
-    return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_of(exc), error_headers(exc))
+    """The error's body (with the request's ID, to quote when asking about it), status and headers."""
+    body = {"code": exc.code, "message": exc.message, "request_id": request_id.current.get()}
+    return JSONResponse({"error": body}, status_of(exc), error_headers(exc))

@@ -12,12 +12,14 @@ from fastapi.responses import Response
 
 from service.core.options import SegmentOptions, resolve
 from service.core.pipeline import Pipeline
+from service.core.tracing import ENCODE
 from service.segment.errors import ERROR_RESPONSES, error_response
 from service.segment.request import SEGMENT_BODY, check_segment_type, image_and_options
 from service.segment.response import response_body
 from service.segment.schemas import ModelResponse, SegmentResponse
 from service.web.body import check_declared_length, content_encoding, read_body
 from service.web.doors import Door
+from service.web.request_log import note_work
 
 SEGMENT_PATH = "/segment"
 
@@ -36,10 +38,12 @@ async def segment_one(pipeline: Pipeline, request: Request, options: SegmentOpti
                                                options, settings.max_upload_bytes)
         resolved = resolve(options, settings.score_threshold, info)
         done = await pipeline.segment(slot, data, resolved)
+        note_work(request, done)
         timings = {"decode_ms": done.decode_s * 1e3, "queue_ms": done.inferred.queue_s * 1e3,
                    "inference_ms": done.inferred.run_s * 1e3, "postprocess_ms": done.postprocess_s * 1e3}
-        body = await pipeline.in_pool(response_body, done.prediction, done.masks, info, done.inferred.batch_size,
-                                      timings, started, done.tiles)
+        with pipeline.tracer.start_as_current_span(ENCODE):
+            body = await pipeline.in_pool(response_body, done.prediction, done.masks, info,
+                                          done.inferred.batch_size, timings, started, done.tiles)
     return Response(body, media_type="application/json")
 
 

@@ -60,6 +60,7 @@ class SegmentResponse(BaseModel):
 class ErrorBody(BaseModel):
     code: str
     message: str
+    request_id: str | None = Field(None, description="The request's X-Request-ID, to quote when asking about it")
 
 
 class ErrorResponse(BaseModel):

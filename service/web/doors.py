@@ -16,7 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.core.errors import InvalidOption, NotFound, ServiceError, Unavailable
+from service.core.errors import InvalidOption, NotFound, ServiceError, Unauthorized, Unavailable
+from service.web.auth import WWW_AUTHENTICATE
 
 
 class HttpError(ServiceError):
@@ -29,11 +30,13 @@ class HttpError(ServiceError):
 
 
 def error_headers(exc: ServiceError) -> dict[str, str] | None:
-    """The HTTP headers an error's answer carries in every door: ``Retry-After`` when waiting helps, and
-    those of a framework error (``Allow`` on a 405)."""
+    """The HTTP headers an error's answer carries in every door: ``Retry-After`` when waiting helps, the
+    challenge of a 401, and those of a framework error (``Allow`` on a 405)."""
     headers = dict(exc.headers or {}) if isinstance(exc, HttpError) else {}
     if isinstance(exc, Unavailable):
         headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     return headers or None
 
 

@@ -5,6 +5,8 @@
 // again with tiles=auto (or without). The drawing style (palette, mask
 // blend, line and font sizes) comes from GET page.json, the same values service/overlay.py draws with;
 // the rules are written down there. All URLs are relative, so the page also works under a path prefix.
+// When the server has API keys, its 401 brings up a form that asks for one; the key is kept for the tab
+// (sessionStorage) and sent as "Authorization: Bearer <key>" with every call.
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -19,6 +21,8 @@ const state = {
   hovered: null,     // the detection under the pointer in the list
   upload: 0,         // counter: only the latest upload's answer is drawn
   file: null,        // the latest image chosen, sent again when the tiling toggle changes
+  key: sessionStorage.getItem("mrcnn-api-key") || "",  // the API key the user gave, if the server asked
+  wired: false,      // the controls' listeners are set (once, after the first successful start)
 };
 
 // ---- COCO RLE ------------------------------------------------------------------------------------
@@ -249,9 +253,29 @@ async function errorMessage(response) {
   return `${response.status}: ${message}`;
 }
 
+// fetch's options with the API key, when the user gave one.
+function withKey(options = {}) {
+  if (!state.key) return options;
+  return { ...options, headers: { ...options.headers, Authorization: `Bearer ${state.key}` } };
+}
+
+// The server refused the key (or wants one): say why, in its own words, and ask.
+function askForKey(message) {
+  $("#key-form").hidden = false;
+  showError(message);
+  $("#api-key").focus();
+}
+
+class RefusedError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
 async function getJSON(url) {
-  const response = await fetch(url);
-  if (!response.ok) throw new Error(await errorMessage(response));
+  const response = await fetch(url, withKey());
+  if (!response.ok) throw new RefusedError(response.status, await errorMessage(response));
   return response.json();
 }
 
@@ -298,7 +322,7 @@ async function upload(file) {
   if ($("#tiles").checked) form.append("tiles", "auto");  // a no-op for images the model does not shrink 2x
   let response;
   try {
-    response = await fetch("segment", { method: "POST", body: form });
+    response = await fetch("segment", withKey({ method: "POST", body: form }));
   } catch (err) {
     if (upload === state.upload) {
       $("#summary").textContent = "";
@@ -311,7 +335,8 @@ async function upload(file) {
     const message = await errorMessage(response);
     if (upload !== state.upload) return;
     $("#summary").textContent = "";
-    showError(message);
+    if (response.status === 401) askForKey(message);
+    else showError(message);
     return;
   }
   const body = await response.json();
@@ -358,9 +383,14 @@ async function start() {
       + `classes: ${model.classes.join(", ")} · ${model.providers.join(", ")}`;
   } catch (err) {
     $("#model").textContent = "";
-    showError(`cannot describe the model (${err.message})`);
+    if (err.status === 401) askForKey(err.message);
+    else showError(`cannot describe the model (${err.message})`);
     return;
   }
+  $("#key-form").hidden = true;
+  showError("");
+  if (state.wired) return;
+  state.wired = true;
   const slider = $("#score");
   slider.min = String(state.config.score_threshold);
   slider.value = String(state.config.default_score);
@@ -376,4 +406,10 @@ async function start() {
   applyFilters();
 }
 
+$("#key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  state.key = $("#api-key").value.trim();
+  sessionStorage.setItem("mrcnn-api-key", state.key);
+  start();
+});
 start();
