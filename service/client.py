@@ -1,11 +1,14 @@
 """A Python client of the service, and the overlay command.
 
     from service.client import SegmentClient, draw
-    client = SegmentClient("http://127.0.0.1:8000")
+    client = SegmentClient("http://127.0.0.1:8000")                 # api_key=KEY, or MRCNN_API_KEY
     detections = client.segment("photo.jpg", score_threshold=0.6)   # masks decoded to numpy
     picture = draw(image_rgb, detections)                            # the web page's overlay
 
-    python -m service.client IMAGE... --url URL --out DIR [--json]    # also installed as mrcnn-segment
+    python -m service.client IMAGE... --url URL --out DIR [--json] [--api-key KEY]   # also mrcnn-segment
+
+With a key (``api_key``, ``--api-key``, else the ``MRCNN_API_KEY`` environment variable) every request carries
+``Authorization: Bearer <key>`` (docs/front_door.md).
 
 HTTP is the standard library's http.client (the image goes as the raw body, the options in the query
 string; ``send_until_answered`` says why not urllib), masks are decoded by pycocotools and the picture
@@ -39,6 +42,7 @@ from service.overlay import draw
 
 __all__ = ["Detection", "SegmentClient", "SegmentError", "detections_of", "draw", "main"]
 DEFAULT_URL = os.environ.get("MRCNN_URL", "http://127.0.0.1:8000")
+API_KEY_VARIABLE = "MRCNN_API_KEY"
 OPTION_NAMES = tuple(SegmentOptions.model_fields)
 SEND_CHUNK = 256 * 1024
 
@@ -80,11 +84,20 @@ def detections_of(body: dict[str, Any]) -> list[Detection]:
 
 
 class SegmentClient:
-    """The service at ``url``; every call is one HTTP request, errors are SegmentError."""
+    """The service at ``url``; every call is one HTTP request, errors are SegmentError. ``api_key`` is sent as
+    ``Authorization: Bearer <key>``; None (the default) takes it from MRCNN_API_KEY when that is set, "" sends
+    none."""
 
-    def __init__(self, url: str = DEFAULT_URL, timeout: float = 60.0) -> None:
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = 60.0, api_key: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        key = os.environ.get(API_KEY_VARIABLE, "") if api_key is None else api_key
+        if any(c in key for c in "\r\n\0"):
+            raise ValueError("the API key has a line break or NUL: it cannot go in a header")
+        self._api_key = key or None  # private, and never in a message: it is a secret
+
+    def __repr__(self) -> str:
+        return f"SegmentClient({self.url!r}, timeout={self.timeout:g}, api_key={'***' if self._api_key else None})"
 
     def model(self) -> dict[str, Any]:
         """GET /v1/model: name, version, classes, input policy."""
@@ -120,6 +133,8 @@ class SegmentClient:
             conn.putrequest(method, parts.path + path)
             if content_type:
                 conn.putheader("Content-Type", content_type)
+            if self._api_key:
+                conn.putheader("Authorization", f"Bearer {self._api_key}")
             if body or method == "POST":
                 conn.putheader("Content-Length", str(len(body)))
             conn.endheaders()
@@ -193,6 +208,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tile-full-image", action="store_true", help="with --tiles, also run the whole image")
     p.add_argument("--json", action="store_true", help="print each raw response (one line each) instead of a table")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--api-key", default=None, help=f"the server's API key, sent as 'Authorization: Bearer' "
+                   f"(default: {API_KEY_VARIABLE}; prefer it, a command line is visible to other users)")
     return p.parse_args(argv)
 
 
@@ -224,7 +241,10 @@ def overlay_png(data: bytes, dets: Sequence[Detection]) -> bytes:
 def segment_images(argv: Sequence[str] | None = None) -> int:
     """0 when every image was segmented, 1 otherwise (one ``error:`` line per image that failed)."""
     args = parse_args(argv)
-    client = SegmentClient(args.url, args.timeout)
+    try:
+        client = SegmentClient(args.url, args.timeout, args.api_key)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     options = {"score_threshold": args.score_threshold, "max_detections": args.max_detections,
                "classes": args.classes, "tiles": args.tiles, "tile_overlap": args.tile_overlap,
                "tile_full_image": args.tile_full_image or None}
@@ -240,7 +260,7 @@ def segment_images(argv: Sequence[str] | None = None) -> int:
         try:
             body = client.request(data, **options)
         except SegmentError as exc:
-            if exc.status is None:  # the server is down: every other image would fail too
+            if exc.status in (None, 401):  # the server is down, or refuses the key: every other image would fail too
                 raise CommandError(f"{path}: {exc}") from None
             print(f"error: {path}: {exc}", file=sys.stderr)
             failed = True

@@ -9,7 +9,9 @@ server's POST /segment over HTTP (service/client.py), so CVAT gets the same dete
 the one served model. The labels are the model's classes (GET /v1/model), of type ``mask``; CVAT matches them to
 the task's labels by name (``--allow-unmatched-labels`` drops the classes the task lacks). Each detection comes
 back as a mask shape (``cvat_sdk.masks.encode_mask``), or as its outlines (one polygon each) when CVAT asks for
-polygons (``--conv-mask-to-poly``); CVAT's confidence threshold is the request's score threshold.
+polygons (``--conv-mask-to-poly``); CVAT's confidence threshold is the request's score threshold. A server with
+API keys takes the key from ``-p api_key=str:KEY`` or, kept off the command line, the ``MRCNN_API_KEY`` variable
+of the process that runs the function; it is sent as ``Authorization: Bearer``.
 
 Needs the ``annotation`` extra (cvat-sdk); no PyTorch.
 """
@@ -31,8 +33,8 @@ MIN_POLYGON_NUMBERS = 6  # CVAT's polygon: at least three points
 class SegmentFunction:
     """A detection function over the server at ``url``; its spec is the served model's classes."""
 
-    def __init__(self, url: str = DEFAULT_URL, timeout: float = 60.0) -> None:
-        self.client = SegmentClient(url, timeout)
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = 60.0, api_key: str | None = None) -> None:
+        self.client = SegmentClient(url, timeout, api_key)  # api_key None: MRCNN_API_KEY, if set
         classes: list[str] = self.client.model()["classes"]
         # Our class ids (1..K, 0 being the background) are the spec's label ids.
         self.spec = cvataa.DetectionFunctionSpec(

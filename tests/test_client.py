@@ -134,3 +134,31 @@ def test_images_with_one_stem_get_one_overlay_each(demo_server, shapes_image: Kn
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     said = [line.split(" -> ")[1] for line in capsys.readouterr().out.splitlines() if " -> " in line]
     assert said == [str(out / name) for name in names]
+
+
+def test_the_command_sends_the_api_key(shapes_image: KnownImage, tmp_path: Path, capsys, monkeypatch) -> None:
+    """``--api-key`` or MRCNN_API_KEY goes as ``Authorization: Bearer``; without it a keyed server's 401 stops the
+    run at the first image (every other would be refused too)."""
+    from service.app import create_app
+    from service.core.settings import DEFAULT_MODEL_PATH, Settings
+    from tests.helpers import ServerThread
+
+    key = "client-key-7Hq2Lw9Zx4Nc1Vb8Mk5Pj3Rt6Ys0Ua"
+    settings = Settings(model_path=DEFAULT_MODEL_PATH, max_upload_bytes=DEMO_MAX_UPLOAD, request_timeout_s=600,
+                        api_keys=key)
+    image = str(shapes_image.path)
+    monkeypatch.delenv("MRCNN_API_KEY", raising=False)
+    with ServerThread(create_app(settings)) as server:
+        assert main([image, "--url", server.url, "--out", str(tmp_path / "a"), "--api-key", key]) == 0
+        monkeypatch.setenv("MRCNN_API_KEY", key)
+        assert SegmentClient(server.url, timeout=600).model()["classes"]
+        assert main([image, "--url", server.url, "--out", str(tmp_path / "b")]) == 0
+        capsys.readouterr()
+        monkeypatch.delenv("MRCNN_API_KEY")
+        assert main([image, image, "--url", server.url, "--out", str(tmp_path / "c")]) == 1
+        errors = capsys.readouterr().err.splitlines()
+        assert errors == [f"error: {image}: 401 missing_api_key: an API key is required: send it as 'Authorization: "
+                          "Bearer <key>', 'X-API-Key: <key>' or the password of HTTP Basic auth"]
+        with pytest.raises(SegmentError) as refused:
+            SegmentClient(server.url, api_key="wrong").model()
+        assert refused.value.status == 401 and refused.value.code == "invalid_api_key"

@@ -208,6 +208,7 @@ def test_the_schema_declares_both_ways_of_sending_a_key(keyed: ServerThread) -> 
     assert schemes["HTTPBearer"]["scheme"] == "bearer"
     assert schemes["APIKeyHeader"] == {"type": "apiKey", "in": "header", "name": "X-API-Key",
                                        "description": "The API key"}
+    assert schemes["HTTPBasic"]["scheme"] == "basic"  # the key as the password (Label Studio)
 
 
 def test_keys_never_reach_the_log(keyed: ServerThread, logs: LogCapture) -> None:

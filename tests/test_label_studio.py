@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 LABEL_STUDIO_VENV = Path(os.environ.get("LABEL_STUDIO_VENV", REPO / ".venv-label-studio"))
 TOKEN = "0123456789abcdef0123456789abcdef01234567"  # a legacy API token, as Label Studio makes them
 LABEL_STUDIO_USER, LABEL_STUDIO_PASSWORD = "admin@example.com", "not-a-secret-1"
+API_KEY = "label-studio-key-Zq3v8LrT0yWmK5pX2nB7cD4fH6jS9uA1"  # our server's, when it has keys
 MIN_IOU = 0.98
 BRUSH_CONFIG = """<View><Image name="image" value="$image"/>
 <BrushLabels name="mask" toName="image">
@@ -62,9 +63,14 @@ def data_url(png: bytes) -> str:
 
 
 def segment(server_url: str, png: bytes, classes: list[str] | None = None) -> dict[str, Any]:
+    return segment_with(server_url, png, {}, classes)
+
+
+def segment_with(server_url: str, png: bytes, headers: dict[str, str], classes: list[str] | None = None
+                 ) -> dict[str, Any]:
     params = {"classes": ",".join(classes)} if classes else {}
     response = httpx.post(f"{server_url}/segment", files={"image": ("x.png", png, "image/png")}, params=params,
-                          timeout=120)
+                          headers=headers, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()  # type: ignore[no-any-return]
 
@@ -297,6 +303,77 @@ def test_a_body_that_is_not_a_predict_request_is_refused(backend: str) -> None:
     assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
 
 
+# -- behind API keys: Label Studio sends HTTP Basic auth, the key as the password ------------------------------------
+@pytest.fixture(scope="module")
+def keyed_backend() -> Iterator[str]:
+    """Our server with the demo model behind one API key; its base URL."""
+    from service.app import create_app
+    from service.core.settings import DEFAULT_MODEL_PATH, Settings
+
+    settings = Settings(model_path=DEFAULT_MODEL_PATH, max_upload_bytes=DEMO_MAX_UPLOAD, request_timeout_s=600,
+                        api_keys=API_KEY)
+    with ServerThread(create_app(settings)) as server:
+        yield server.url
+
+
+def keyed_predict(base: str, **auth: Any) -> httpx.Response:
+    tasks = [{"id": 1, "data": {"image": data_url(shapes_png(2))}}]
+    return httpx.post(f"{base}/label-studio/predict", json={"tasks": tasks, "label_config": BRUSH_CONFIG},
+                      timeout=300, **auth)
+
+
+@pytest.mark.parametrize("user", ["label-studio", "anyone", ""])
+def test_the_key_as_basic_auth_password_lets_label_studio_in(keyed_backend: str, user: str) -> None:
+    """As Label Studio sends its connection's basic auth (requests' HTTPBasicAuth): any user name, the key as the
+    password, on every call it makes."""
+    response = keyed_predict(keyed_backend, auth=(user, API_KEY))
+    assert response.status_code == 200, response.text
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    expected = segment_with(keyed_backend, shapes_png(2), headers)
+    check_brush(response.json()["results"][0], expected)
+    for method, path, body in (("GET", "health", None), ("GET", "versions", None),
+                               ("POST", "setup", {"project": "1.1", "schema": BRUSH_CONFIG}),
+                               ("POST", "webhook", {"action": "ANNOTATION_CREATED"})):
+        answer = httpx.request(method, f"{keyed_backend}/label-studio/{path}", json=body, auth=(user, API_KEY))
+        assert answer.status_code == 200, (path, answer.text)
+
+
+@pytest.mark.parametrize(("auth", "code"), [
+    ({}, "missing_api_key"),
+    ({"auth": ("label-studio", "not-the-key")}, "invalid_api_key"),
+    ({"auth": (API_KEY, "")}, "invalid_api_key"),  # the key goes in the password, not the user name
+    ({"headers": {"Authorization": "Basic !!!not-base64"}}, "invalid_api_key"),
+])
+def test_without_the_key_label_studio_gets_401_offering_basic_auth(keyed_backend: str, auth: dict[str, Any],
+                                                                   code: str) -> None:
+    for response in (keyed_predict(keyed_backend, **auth),
+                     httpx.get(f"{keyed_backend}/label-studio/health", **auth)):  # Label Studio's check sends it too
+        assert response.status_code == 401, response.text
+        assert response.json()["error"]["code"] == code
+        challenge = response.headers["www-authenticate"]
+        assert challenge.startswith('Bearer realm="maskrcnn-service"') and 'Basic realm="maskrcnn-service"' in challenge
+    metrics = httpx.get(f"{keyed_backend}/metrics", headers={"X-API-Key": API_KEY}).text
+    assert sample(metric_values(metrics), "mrcnn_requests_total", route="label_studio", status="401") == 0
+
+
+def test_one_key_rule_on_every_route_basic_offered_on_label_studio_alone(keyed_backend: str) -> None:
+    """The key is read the same way everywhere (Basic, Bearer, X-API-Key); only /label-studio's 401 offers Basic,
+    so that the page's calls never make a browser pop up its login dialog. The probes need no key, whatever the
+    Authorization header."""
+    png = shapes_png(2)
+    for auth in ({"auth": ("x", API_KEY)}, {"headers": {"Authorization": f"Bearer {API_KEY}"}},
+                 {"headers": {"X-API-Key": API_KEY}}):
+        assert httpx.post(f"{keyed_backend}/segment", files={"image": ("x.png", png, "image/png")}, timeout=300,
+                          **auth).status_code == 200
+        assert keyed_predict(keyed_backend, **auth).status_code == 200
+    refused = httpx.post(f"{keyed_backend}/segment", files={"image": ("x.png", png, "image/png")},
+                         auth=("x", "not-the-key"))
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == 'Bearer realm="maskrcnn-service"'
+    for path in ("/healthz", "/readyz", "/v2/health/ready"):
+        for headers in ({}, {"Authorization": "Basic !!!not-base64"}, {"Authorization": "Basic eDp3cm9uZw=="}):
+            assert httpx.get(keyed_backend + path, headers=headers).status_code == 200, (path, headers)
+
+
 # -- Label Studio itself -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -363,14 +440,16 @@ def project_with_tasks(label_studio: str, config: str, pngs: list[bytes]) -> Any
     return project
 
 
-def project_with_predictions(label_studio: str, backend: str, config: str, pngs: list[bytes]) -> dict[str, Any]:
-    """A project with ``pngs`` as its tasks (``project_with_tasks``), our server connected as its model and Label
-    Studio asked for predictions; each task (id, data, predictions)."""
+def project_with_predictions(label_studio: str, backend: str, config: str, pngs: list[bytes],
+                             **connection: Any) -> dict[str, Any]:
+    """A project with ``pngs`` as its tasks (``project_with_tasks``), our server connected as its model (with the
+    SDK's ``ml.create`` ``connection`` settings: its auth) and Label Studio asked for predictions; each task (id,
+    data, predictions)."""
     from label_studio_sdk import LabelStudio
 
     ls = LabelStudio(base_url=label_studio, api_key=TOKEN)
     project = project_with_tasks(label_studio, config, pngs)
-    backend_model = ls.ml.create(project=project.id, url=f"{backend}/label-studio", title="Mask R-CNN")
+    backend_model = ls.ml.create(project=project.id, url=f"{backend}/label-studio", title="Mask R-CNN", **connection)
     assert backend_model.state == "CO", backend_model  # connected: health and setup answered
     ls.actions.create(id="retrieve_tasks_predictions", project=project.id, selected_items={"all": True, "excluded": []})
     tasks = sorted(ls.tasks.list(project=project.id, fields="all"), key=lambda t: t.id)
@@ -400,6 +479,38 @@ def test_label_studio_gets_our_masks_as_predictions(label_studio: str, studio_ba
         print(f"{kind}: task {task_id} ({next(iter(task['data'].values()))}): {len(prediction.result)} regions "
               f"{sorted({r['value'][kind + 'labels'][0] for r in prediction.result})}, score {prediction.score:.3f}, "
               f"model {prediction.model_version}, smallest IoU with /segment {worst:.4f}")
+
+
+@pytest.mark.slow
+def test_label_studio_connects_to_a_keyed_server_with_basic_auth(label_studio: str) -> None:
+    """Our server behind an API key: Label Studio's connection with Basic auth (any user, the key as the password)
+    connects and gets the predictions; without auth, or with a wrong password, Label Studio refuses to connect,
+    saying the authentication is missing or wrong (its health check got our 401)."""
+    from label_studio_sdk import LabelStudio
+    from label_studio_sdk.core.api_error import ApiError
+
+    from service.app import create_app
+    from service.core.settings import DEFAULT_MODEL_PATH, Settings
+
+    settings = Settings(model_path=DEFAULT_MODEL_PATH, max_upload_bytes=DEMO_MAX_UPLOAD, request_timeout_s=600,
+                        label_studio_url=label_studio, label_studio_token=TOKEN, api_keys=API_KEY)
+    ls = LabelStudio(base_url=label_studio, api_key=TOKEN)
+    png = shapes_png(2)
+    with ServerThread(create_app(settings)) as server:
+        project = project_with_tasks(label_studio, BRUSH_CONFIG, [png])
+        for connection in ({}, {"auth_method": "BASIC_AUTH", "basic_auth_user": "label-studio",
+                                "basic_auth_pass": "not-the-key"}):
+            with pytest.raises(ApiError) as refused:
+                ls.ml.create(project=project.id, url=f"{server.url}/label-studio", title="Mask R-CNN", **connection)
+            assert refused.value.status_code == 400 and "authentication" in str(refused.value.body), refused.value
+        tasks = project_with_predictions(label_studio, server.url, BRUSH_CONFIG, [png], auth_method="BASIC_AUTH",
+                                         basic_auth_user="label-studio", basic_auth_pass=API_KEY)
+        [(task_id, task)] = tasks.items()
+        [prediction] = task["predictions"]
+        worst = check_brush({"result": prediction.result, "score": prediction.score},
+                            segment_with(server.url, png, {"Authorization": f"Bearer {API_KEY}"}))
+        print(f"keyed server, basic auth: task {task_id}: {len(prediction.result)} regions, "
+              f"smallest IoU with /segment {worst:.4f}")
 
 
 @pytest.mark.slow

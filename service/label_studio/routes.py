@@ -6,7 +6,9 @@ Label Studio (label_studio/ml/api_connector.py) calls ``GET /health`` (up?), ``G
 version served here), ``POST /setup`` (the project's
 labeling config; the answer's ``model_version`` names its predictions), ``POST /predict`` (a batch of tasks and
 the config; the answer holds one prediction per task, in order) and ``POST /webhook`` (project events, meant
-for training, which this backend does not do: acknowledged and ignored). A failed task fails the whole call,
+for training, which this backend does not do: acknowledged and ignored). With API keys set, every one of these
+calls needs a key like any other route; Label Studio sends it as the password of its connection's HTTP Basic auth
+(service/web/auth.py). A failed task fails the whole call,
 so that Label Studio records no empty prediction in its place (it would not ask for that task again).
 """
 
@@ -24,7 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from contract import GraphMetadata
-from service.core.errors import BadRequest, ServiceError
+from service.core.errors import BadRequest, ServiceError, Unauthorized
 from service.core.options import Resolved, SegmentOptions, resolve
 from service.core.pipeline import Pipeline
 from service.label_studio.config import Target, target_of
@@ -32,6 +34,7 @@ from service.label_studio.images import LabelStudio, read_task_image
 from service.label_studio.regions import task_prediction
 from service.segment.errors import error_response
 from service.segment.schemas import ErrorResponse
+from service.web.auth import LABEL_STUDIO_WWW_AUTHENTICATE
 from service.web.body import check_declared_length, read_body
 from service.web.doors import Door
 
@@ -155,7 +158,16 @@ def label_studio_door(pipeline: Pipeline) -> Door:
 
         return await answer(work)
 
-    return Door(router, prefix=PREFIX, error_response=error_response)
+    return Door(router, prefix=PREFIX, error_response=label_studio_error_response)
+
+
+def label_studio_error_response(exc: ServiceError) -> Response:
+    """/segment's error answer; a 401's challenge also offers Basic auth, the only scheme Label Studio's ML
+    backend connection sends (the key as the password)."""
+    response = error_response(exc)
+    if isinstance(exc, Unauthorized):
+        response.headers["WWW-Authenticate"] = LABEL_STUDIO_WWW_AUTHENTICATE
+    return response
 
 
 async def answer(work: Callable[[], Awaitable[Response]]) -> Response:

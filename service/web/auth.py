@@ -1,6 +1,10 @@
 """API keys on the HTTP doors, with FastAPI's security utilities: a key is sent as
-``Authorization: Bearer <key>`` or ``X-API-Key: <key>``, and both schemes are declared in the OpenAPI schema
-(so /docs has its Authorize button).
+``Authorization: Bearer <key>``, ``X-API-Key: <key>``, or as the password of HTTP Basic auth (any user name:
+``Authorization: Basic base64(user:key)``, the one way Label Studio can authenticate to an ML backend), and
+the three schemes are declared in the OpenAPI schema (so /docs has its Authorize button). The rule is the same
+on every route; only the challenge of a 401 differs: ``WWW-Authenticate`` lists Basic on /label-studio alone
+(``LABEL_STUDIO_WWW_AUTHENTICATE``), so that a browser calling the other routes (the page) never pops up its
+own login dialog.
 
 ``require_key`` is a dependency of every route of the app. The probes and the page's own files stay open
 (``is_open``): a platform's health checks carry no key, and the page must load before it can ask its user
@@ -13,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import HTTPException, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 
 from service.core.api_keys import ApiKeys
 from service.core.errors import Unauthorized
@@ -23,11 +27,29 @@ from service.web.health import PROBE_PATHS
 API_KEY_HEADER = "X-API-Key"
 # RFC 6750's challenge; the realm names the server, as Triton's and TorchServe's answers do theirs.
 WWW_AUTHENTICATE = 'Bearer realm="maskrcnn-service"'
+# Label Studio's ML backend connection sends HTTP Basic auth only: its routes offer that scheme too (RFC 7617).
+LABEL_STUDIO_WWW_AUTHENTICATE = f'{WWW_AUTHENTICATE}, Basic realm="maskrcnn-service", charset="UTF-8"'
 # What needs no key: liveness and readiness (ours and the protocol's), and the page with its static files.
 OPEN_PATHS = frozenset({*PROBE_PATHS, "/"})
 OPEN_PREFIXES = ("/static/",)
 
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+
+
+class LenientBasic(HTTPBasic):
+    """FastAPI's HTTPBasic, but a malformed ``Authorization: Basic`` header reads as no credentials instead of
+    the framework's own 401: the probes stay open whatever the header, and a refusal is ours (its code, its
+    door's body)."""
+
+    async def __call__(self, request: Request) -> HTTPBasicCredentials | None:  # type: ignore[override]
+        try:
+            return await super().__call__(request)
+        except HTTPException:
+            return None
+
+
+basic = LenientBasic(scheme_name="HTTPBasic", auto_error=False, realm="maskrcnn-service",
+                     description="HTTP Basic auth: any user name, the API key as the password (Label Studio)")
 api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="The API key")
 
 
@@ -41,15 +63,32 @@ def key_dependency(keys: ApiKeys) -> Callable[..., Awaitable[None]]:
     async def require_key(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+        basic_credentials: Annotated[HTTPBasicCredentials | None, Security(basic)],
         api_key: Annotated[str | None, Security(api_key_header)],
     ) -> None:
         if is_open(request.url.path):
             return
-        token = credentials.credentials if credentials is not None else api_key
+        token = token_of(credentials, basic_credentials, api_key)
         if token is None:
+            if "authorization" in request.headers:  # a scheme we do not read, or a malformed Basic header
+                raise Unauthorized("invalid_api_key", "the Authorization header carries no API key: send "
+                                   "'Bearer <key>', or Basic auth with the key as the password")
             raise Unauthorized("missing_api_key", f"an API key is required: send it as 'Authorization: Bearer "
-                               f"<key>' or '{API_KEY_HEADER}: <key>'")
+                               f"<key>', '{API_KEY_HEADER}: <key>' or the password of HTTP Basic auth")
         if not keys.allows(token):
             raise Unauthorized("invalid_api_key", "the API key is not valid")
 
     return require_key
+
+
+def token_of(
+    bearer_credentials: HTTPAuthorizationCredentials | None, basic_credentials: HTTPBasicCredentials | None,
+    api_key: str | None,
+) -> str | None:
+    """The key a request presents: its bearer token, else its Basic auth password (whatever the user name),
+    else its X-API-Key header; None when it presents none."""
+    if bearer_credentials is not None:
+        return bearer_credentials.credentials
+    if basic_credentials is not None:
+        return basic_credentials.password
+    return api_key
