@@ -5,7 +5,8 @@
 ``require_key`` is a dependency of every route of the app. The probes and the page's own files stay open
 (``is_open``): a platform's health checks carry no key, and the page must load before it can ask its user
 for one. A missing or unknown key is an Unauthorized error, which the door owning the path answers in its
-own format with a 401 and ``WWW-Authenticate`` (service/web/doors.py). The key itself is never logged.
+own format with a 401 and ``WWW-Authenticate`` (service/web/doors.py); its words are
+``ApiKeys.check``'s, which the gRPC door says too. The key itself is never logged.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from typing import Annotated
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from service.core.api_keys import ApiKeys
-from service.core.errors import Unauthorized
+from service.core.api_keys import API_KEY_HEADER, ApiKeys
 from service.web.health import PROBE_PATHS
 
-API_KEY_HEADER = "X-API-Key"
 # RFC 6750's challenge; the realm names the server, as Triton's and TorchServe's answers do theirs.
 WWW_AUTHENTICATE = 'Bearer realm="maskrcnn-service"'
 # What needs no key: liveness and readiness (ours and the protocol's), and the page with its static files.
@@ -45,11 +44,6 @@ def key_dependency(keys: ApiKeys) -> Callable[..., Awaitable[None]]:
     ) -> None:
         if is_open(request.url.path):
             return
-        token = credentials.credentials if credentials is not None else api_key
-        if token is None:
-            raise Unauthorized("missing_api_key", f"an API key is required: send it as 'Authorization: Bearer "
-                               f"<key>' or '{API_KEY_HEADER}: <key>'")
-        if not keys.allows(token):
-            raise Unauthorized("invalid_api_key", "the API key is not valid")
+        keys.check(credentials.credentials if credentials is not None else api_key)
 
     return require_key
