@@ -3,8 +3,9 @@ the real server on loopback (tests/conftest.py's ``server``: the tiny model, its
 health, metadata and configuration; infer with IMAGE and with PIXELS, chosen outputs and parameters, the same
 answers as /segment; the bidirectional stream; concurrent requests batched, counted under ``route="grpc"``;
 errors as the client's exception with the status code and REST's message; the standard health service and
-reflection; and, in a server of its own (``python -m service``), SIGTERM with RPCs in flight: NOT_SERVING,
-all answered, exit 0."""
+reflection; API keys in the metadata (UNAUTHENTICATED with HTTP's 401 message; health and reflection open) and
+TLS with the HTTP side's certificate, in servers of their own; and, in a server of its own (``python -m
+service``), SIGTERM with RPCs in flight: NOT_SERVING, all answered, exit 0."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import base64
 import contextlib
 import io
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -368,11 +370,15 @@ def keyed(tiny_onnx_model: Path) -> Iterator[ServerThread]:
 
 
 @pytest.mark.parametrize("given", KEYS_GIVEN)
-def test_the_service_needs_a_key_in_the_metadata(keyed: ServerThread, name: str, given: str, caplog: Any) -> None:
+def test_the_service_needs_a_key_in_the_metadata(
+    keyed: ServerThread, name: str, given: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Every RPC of the service (infer, the stream, metadata, even the health RPCs of the protocol) needs one of
-    the keys, as ``authorization: Bearer`` or ``x-api-key``; without it, UNAUTHENTICATED with HTTP's message."""
+    the keys, as ``authorization: Bearer`` or ``x-api-key``; without it, UNAUTHENTICATED with HTTP's message.
+    No key reaches the log."""
     from service.core.api_keys import INVALID_KEY_MESSAGE, MISSING_KEY_MESSAGE
 
+    caplog.set_level(logging.DEBUG)
     headers = KEYS_GIVEN[given]
     png = encode(scene(57).image)
     with grpcclient.InferenceServerClient(keyed.grpc_target) as triton:
