@@ -6,7 +6,8 @@ loop only moves bytes and futures: the pipeline decodes and post-processes in wo
 the model in its batcher's thread. Each door (service/segment, service/oip) brings its routes and says
 its errors itself; the page and the probes are routes beside them. The gRPC door (service/grpc, unless
 ``MRCNN_GRPC_PORT`` is 0) is a server of its own in the same event loop, started after the pipeline and
-stopped before it, so its RPCs in flight finish.
+stopped before it, so its RPCs in flight finish; it asks for the same API keys (in the call's metadata) and
+serves TLS with the same certificate (service/grpc/auth.py).
 """
 
 from __future__ import annotations
@@ -21,17 +22,18 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 
-from service.core.api_keys import ApiKeys, ApiKeysError
+from service.core.api_keys import API_KEY_HEADER, ApiKeys, ApiKeysError
 from service.core.pipeline import Pipeline
 from service.core.runtime import ModelLoadError, OnnxModel
 from service.core.settings import Settings
 from service.core.tracing import TRACER_NAME
-from service.grpc.server import GrpcDoor
+from service.grpc.auth import KeyInterceptor, server_credentials
+from service.grpc.server import SERVICE_NAME, GrpcDoor
 from service.label_studio.routes import label_studio_door
 from service.oip.routes import oip_door
 from service.page.routes import add_page
 from service.segment.routes import segment_door
-from service.web.auth import API_KEY_HEADER, key_dependency
+from service.web.auth import key_dependency
 from service.web.docs import add_docs
 from service.web.doors import add_doors
 from service.web.health import health_router, serve_metrics
@@ -54,6 +56,7 @@ def create_app(
     to ``tracer_provider``, by default the one the OTEL_* variables ask for (none: no tracing)."""
     settings = settings or Settings()
     keys = ApiKeys.from_settings(settings)  # before the model: a bad keys or tracing setting fails at once
+    grpc_tls = server_credentials(settings) if settings.grpc_port else None  # so does an unreadable certificate
     tracer_provider = tracer_provider or tracer_provider_from_env()
     if model is None:
         model = OnnxModel(
@@ -62,7 +65,10 @@ def create_app(
         )
     cv2.setNumThreads(1)  # requests are parallel already; OpenCV's own threads would oversubscribe
     pipeline = Pipeline(settings, model, tracer_provider.get_tracer(TRACER_NAME) if tracer_provider else None)
-    grpc_door = GrpcDoor(pipeline, API_VERSION) if settings.grpc_port else None
+    grpc_door = None
+    if settings.grpc_port:  # the HTTP side's keys (in the call's metadata) and certificate
+        interceptors = [KeyInterceptor(keys, (SERVICE_NAME,))] if keys is not None else []
+        grpc_door = GrpcDoor(pipeline, API_VERSION, interceptors, grpc_tls)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

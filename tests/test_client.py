@@ -158,7 +158,7 @@ def test_the_command_sends_the_api_key(shapes_image: KnownImage, tmp_path: Path,
         assert main([image, image, "--url", server.url, "--out", str(tmp_path / "c")]) == 1
         errors = capsys.readouterr().err.splitlines()
         assert errors == [f"error: {image}: 401 missing_api_key: an API key is required: send it as 'Authorization: "
-                          "Bearer <key>', 'X-API-Key: <key>' or the password of HTTP Basic auth"]
+                          "Bearer <key>' or 'X-API-Key: <key>'"]
         with pytest.raises(SegmentError) as refused:
             SegmentClient(server.url, api_key="wrong").model()
         assert refused.value.status == 401 and refused.value.code == "invalid_api_key"

@@ -3,8 +3,9 @@ the real server on loopback (tests/conftest.py's ``server``: the tiny model, its
 health, metadata and configuration; infer with IMAGE and with PIXELS, chosen outputs and parameters, the same
 answers as /segment; the bidirectional stream; concurrent requests batched, counted under ``route="grpc"``;
 errors as the client's exception with the status code and REST's message; the standard health service and
-reflection; and, in a server of its own (``python -m service``), SIGTERM with RPCs in flight: NOT_SERVING,
-all answered, exit 0."""
+reflection; API keys in the metadata (UNAUTHENTICATED with HTTP's 401 message; health and reflection open) and
+TLS with the HTTP side's certificate, in servers of their own; and, in a server of its own (``python -m
+service``), SIGTERM with RPCs in flight: NOT_SERVING, all answered, exit 0."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import base64
 import contextlib
 import io
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -328,6 +330,153 @@ def test_past_the_deadline_is_deadline_exceeded(
         triton.infer(name, [image_input(encode(scene(56).image))])
     assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED", str(err.value)
     assert "not answered within the 1e-06 s deadline" in err.value.message()
+
+
+# ---- API keys and TLS (the HTTP side's keys, in the call's metadata, and its certificate) --------------------
+
+KEY, OTHER_KEY = "grpc-key-0123456789", "grpc-other-key-abcdef"
+KEYS_GIVEN = {
+    "none": {},
+    "wrong bearer": {"authorization": "Bearer not-a-key"},
+    "wrong header": {"x-api-key": "not-a-key"},
+    "another scheme": {"authorization": f"Basic {KEY}"},
+    "bearer": {"authorization": f"Bearer {KEY}"},
+    "header": {"x-api-key": OTHER_KEY},
+    "wrong bearer, right header": {"authorization": "Bearer not-a-key", "x-api-key": KEY},  # the bearer wins
+}
+REFUSED = {"none": "missing", "wrong bearer": "invalid", "wrong header": "invalid", "another scheme": "missing",
+           "wrong bearer, right header": "invalid"}
+
+
+@contextlib.contextmanager
+def grpc_server(tiny_onnx_model: Path, **settings: Any) -> Iterator[ServerThread]:
+    """The app with ``settings`` on loopback (HTTPS when they name a certificate), its gRPC door at
+    ``grpc_target``."""
+    from service.app import create_app
+    from service.core.settings import Settings
+
+    settings = Settings(model_path=tiny_onnx_model, request_timeout_s=TIMEOUT, grpc_port=free_port(), **settings)
+    tls = {"ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile} if settings.ssl_certfile else {}
+    with ServerThread(create_app(settings), **tls) as srv:
+        srv.grpc_target = f"127.0.0.1:{settings.grpc_port}"
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_onnx_model: Path) -> Iterator[ServerThread]:
+    """A server with two API keys."""
+    with grpc_server(tiny_onnx_model, api_keys=f"{KEY},{OTHER_KEY}") as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("given", KEYS_GIVEN)
+def test_the_service_needs_a_key_in_the_metadata(
+    keyed: ServerThread, name: str, given: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every RPC of the service (infer, the stream, metadata, even the health RPCs of the protocol) needs one of
+    the keys, as ``authorization: Bearer`` or ``x-api-key``; without it, UNAUTHENTICATED with HTTP's message.
+    No key reaches the log."""
+    from service.core.api_keys import INVALID_KEY_MESSAGE, MISSING_KEY_MESSAGE
+
+    caplog.set_level(logging.DEBUG)
+    headers = KEYS_GIVEN[given]
+    png = encode(scene(57).image)
+    with grpcclient.InferenceServerClient(keyed.grpc_target) as triton:
+        calls = {
+            "infer": lambda: triton.infer(name, [image_input(png)], headers=headers).as_numpy("scores"),
+            "model metadata": lambda: triton.get_model_metadata(name, headers=headers, as_json=True)["name"],
+            "model config": lambda: triton.get_model_config(name, headers=headers),
+            "server metadata": lambda: triton.get_server_metadata(headers=headers),
+            "server ready": lambda: triton.is_server_ready(headers=headers),
+        }
+        for call, run in calls.items():
+            if given in REFUSED:
+                with pytest.raises(grpcclient.InferenceServerException) as refused:
+                    run()
+                assert refused.value.status() == "StatusCode.UNAUTHENTICATED", (call, str(refused.value))
+                expected = MISSING_KEY_MESSAGE if REFUSED[given] == "missing" else INVALID_KEY_MESSAGE
+                assert refused.value.message() == expected, call
+            else:
+                assert run() is not None, call
+        if given not in REFUSED:
+            assert calls["model metadata"]() == name
+        # The stream: refused as a whole (the client's callback gets the error), or answered.
+        answers: list[tuple[Any, Any]] = []
+        finished = threading.Semaphore(0)
+
+        def callback(result: Any, error: Any) -> None:
+            answers.append((result, error))
+            finished.release()
+
+        triton.start_stream(callback, headers=headers)
+        try:
+            try:
+                triton.async_stream_infer(name, [image_input(png)], request_id="s")
+            except grpcclient.InferenceServerException:  # the refusal came first: the stream is over
+                assert given in REFUSED
+            assert finished.acquire(timeout=TIMEOUT)
+        finally:
+            triton.stop_stream()
+        result, error = answers[0]
+        if given in REFUSED:
+            assert error is not None and error.status() == "StatusCode.UNAUTHENTICATED", error
+        else:
+            assert error is None and result.get_response().id == "s"
+    for secret in (KEY, OTHER_KEY, "not-a-key"):  # no key reaches the log
+        assert secret not in caplog.text
+
+
+def test_the_messages_are_the_http_401s(keyed: ServerThread) -> None:
+    """The gRPC refusals say what the HTTP doors' 401s say (one text, service/core/api_keys.py)."""
+    with grpcclient.InferenceServerClient(keyed.grpc_target) as t:
+        for headers in ({}, {"x-api-key": "not-a-key"}):
+            rest = httpx.get(f"{keyed.url}/v1/model", headers=headers, timeout=TIMEOUT, trust_env=False)
+            assert rest.status_code == 401
+            with pytest.raises(grpcclient.InferenceServerException) as refused:
+                t.get_server_metadata(headers=headers)
+            assert refused.value.message() == rest.json()["error"]["message"]
+
+
+def test_health_and_reflection_stay_open(keyed: ServerThread) -> None:
+    """The probe (grpc.health.v1) and reflection answer without a key."""
+    with grpc.insecure_channel(keyed.grpc_target) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE),
+                                                            timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        answers = list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        assert SERVICE in {s.name for s in answers[0].list_services_response.service}
+
+
+def test_tls_with_the_http_certificate(tiny_onnx_model: Path, name: str, tmp_path: Path) -> None:
+    """With ``ssl_certfile``/``ssl_keyfile`` the gRPC port serves TLS with the same certificate: tritonclient
+    with ``ssl=True`` and the CA works (and still needs the key), a plain client does not get through."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    chain, key, ca_pem = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    chain.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    with grpc_server(tiny_onnx_model, api_keys=KEY, ssl_certfile=chain, ssl_keyfile=key) as srv:
+        assert srv.url.startswith("https://")
+        target = srv.grpc_target
+        with grpcclient.InferenceServerClient(target, ssl=True, root_certificates=str(ca_pem)) as triton:
+            assert triton.is_server_live(headers={"x-api-key": KEY})
+            result = triton.infer(name, [image_input(encode(scene(58).image))],
+                                  headers={"authorization": f"Bearer {KEY}"})
+            assert result.as_numpy("scores") is not None
+            with pytest.raises(grpcclient.InferenceServerException) as refused:
+                triton.infer(name, [image_input(encode(scene(58).image))])
+            assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+        with grpc.secure_channel(target, grpc.ssl_channel_credentials(ca_pem.read_bytes())) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING  # the probe: TLS, no key
+        with grpcclient.InferenceServerClient(target) as plain, pytest.raises(grpcclient.InferenceServerException):
+            plain.is_server_live(headers={"x-api-key": KEY}, client_timeout=10)
+        with grpcclient.InferenceServerClient(target, ssl=True) as untrusting, \
+                pytest.raises(grpcclient.InferenceServerException):  # the system's CAs do not know this one
+            untrusting.is_server_live(headers={"x-api-key": KEY}, client_timeout=10)
 
 
 # ---- SIGTERM -----------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Who may call the server: the API keys of ``MRCNN_API_KEYS`` and ``MRCNN_API_KEYS_FILE``.
 
-Framework-free, so that every front door asks the same question, ``keys.allows(token)``: the HTTP doors
-through FastAPI's security utilities (service/web/auth.py), a gRPC door from its metadata.
+Framework-free, so that every front door asks the same question, ``keys.check(token)`` (``keys.allows(token)``
+with the refusal every door says alike): the HTTP doors through FastAPI's security utilities
+(service/web/auth.py), the gRPC door from its call's metadata (service/grpc/auth.py). A key is sent as
+``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (gRPC metadata: the same names, in lower case).
 
 Keys are held as SHA-256 digests only, whether given in clear or hashed (a file line ``sha256:<hex>``, as
 ``printf %s "$KEY" | sha256sum`` prints it), so the process never keeps a key it could leak. A presented
@@ -19,8 +21,13 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from service.core.errors import Unauthorized
 from service.core.settings import Settings
 
+API_KEY_HEADER = "X-API-Key"
+# The refusals, the same words on every door (HTTP's 401s, gRPC's UNAUTHENTICATED).
+MISSING_KEY_MESSAGE = f"an API key is required: send it as 'Authorization: Bearer <key>' or '{API_KEY_HEADER}: <key>'"
+INVALID_KEY_MESSAGE = "the API key is not valid"
 HASHED_PREFIX = "sha256:"
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -51,6 +58,14 @@ class ApiKeys:
         for known in self._digests:  # no early exit: every request costs the same
             found |= hmac.compare_digest(presented, known)
         return found
+
+    def check(self, token: str | None) -> None:
+        """Let ``token`` through if it is one of the keys; otherwise Unauthorized (``missing_api_key`` when none
+        was sent, ``invalid_api_key`` when it is not a key). The token is never part of the error."""
+        if token is None:
+            raise Unauthorized("missing_api_key", MISSING_KEY_MESSAGE)
+        if not self.allows(token):
+            raise Unauthorized("invalid_api_key", INVALID_KEY_MESSAGE)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiKeys | None:

@@ -13,6 +13,7 @@ from service.core.errors import (
     NotFound,
     ServiceError,
     TooLarge,
+    Unauthorized,
     Unavailable,
 )
 
@@ -24,6 +25,7 @@ CODES: dict[type[ServiceError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     InternalError: grpc.StatusCode.INTERNAL,
+    Unauthorized: grpc.StatusCode.UNAUTHENTICATED,  # service/grpc/auth.py
 }
 # gRPC's retry pushback (the retry design, gRFC A6): how long a client should wait before retrying.
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"

@@ -11,8 +11,9 @@ already in use fails the start instead of sharing the traffic with another proce
 finish. The app stops it before the pipeline (service/app.py); ``python -m service`` stops it as soon as
 SIGTERM's grace period ends, together with the HTTP listener (service/__main__.py).
 
-API keys and TLS: ``interceptors`` (grpc.aio server interceptors, e.g. one checking a key in the call's
-metadata) and ``credentials`` (``grpc.ssl_server_credentials``) are where they plug in; the app passes none.
+API keys and TLS: ``interceptors`` (grpc.aio server interceptors) and ``credentials``
+(``grpc.ssl_server_credentials``: ``add_secure_port``; None: plain). The app passes service/grpc/auth.py's
+key check when API keys are set and the HTTP side's certificate when TLS is.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ own login dialog.
 ``require_key`` is a dependency of every route of the app. The probes and the page's own files stay open
 (``is_open``): a platform's health checks carry no key, and the page must load before it can ask its user
 for one. A missing or unknown key is an Unauthorized error, which the door owning the path answers in its
-own format with a 401 and ``WWW-Authenticate`` (service/web/doors.py). The key itself is never logged.
+own format with a 401 and ``WWW-Authenticate`` (service/web/doors.py); its words are
+``ApiKeys.check``'s, which the gRPC door says too. The key itself is never logged.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ from typing import Annotated
 from fastapi import HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 
-from service.core.api_keys import ApiKeys
+from service.core.api_keys import API_KEY_HEADER, ApiKeys
 from service.core.errors import Unauthorized
 from service.web.health import PROBE_PATHS
 
-API_KEY_HEADER = "X-API-Key"
 # RFC 6750's challenge; the realm names the server, as Triton's and TorchServe's answers do theirs.
 WWW_AUTHENTICATE = 'Bearer realm="maskrcnn-service"'
 # Label Studio's ML backend connection sends HTTP Basic auth only: its routes offer that scheme too (RFC 7617).
@@ -69,14 +69,10 @@ def key_dependency(keys: ApiKeys) -> Callable[..., Awaitable[None]]:
         if is_open(request.url.path):
             return
         token = token_of(credentials, basic_credentials, api_key)
-        if token is None:
-            if "authorization" in request.headers:  # a scheme we do not read, or a malformed Basic header
-                raise Unauthorized("invalid_api_key", "the Authorization header carries no API key: send "
-                                   "'Bearer <key>', or Basic auth with the key as the password")
-            raise Unauthorized("missing_api_key", f"an API key is required: send it as 'Authorization: Bearer "
-                               f"<key>', '{API_KEY_HEADER}: <key>' or the password of HTTP Basic auth")
-        if not keys.allows(token):
-            raise Unauthorized("invalid_api_key", "the API key is not valid")
+        if token is None and "authorization" in request.headers:  # a scheme we do not read, or malformed Basic
+            raise Unauthorized("invalid_api_key", "the Authorization header carries no API key: send "
+                               "'Bearer <key>', or Basic auth with the key as the password")
+        keys.check(token)
 
     return require_key
 
