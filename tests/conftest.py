@@ -123,6 +123,21 @@ def server(tiny_onnx_model: Path) -> Iterator[ServerThread]:
         yield srv
 
 
+@pytest.fixture(scope="session")
+def name(model) -> str:
+    """The tiny model's name, as the protocols' routes and calls take it."""
+    return model.metadata.model_name
+
+
+@pytest.fixture
+def client(server: ServerThread):  # -> httpx.Client
+    """An HTTP client of ``server``."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT, trust_env=False) as c:
+        yield c
+
+
 DEMO_MAX_UPLOAD = 3_000_000  # bytes: room for the shapes PNGs, small enough for a cheap 413
 # model/data/shapes.py generate(7, 2): 363 x 364, five objects of all four classes, every one found by the
 # demo model (mask IoU >= 0.77) with a score above 0.97, and seven more detections scoring below 0.2.

@@ -14,7 +14,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import cv2
@@ -102,12 +101,6 @@ def reference_masks(pred: Prediction, height: int, width: int) -> np.ndarray:
 
 
 # ---- fixtures (the server and the model: tests/conftest.py) ----------------------------------------
-
-
-@pytest.fixture
-def client(server: ServerThread) -> Iterator[Any]:
-    with httpx.Client(base_url=server.url, timeout=TIMEOUT, trust_env=False) as c:
-        yield c
 
 
 def ok(client: Any) -> None:

@@ -38,17 +38,6 @@ def triton(server: ServerThread) -> Iterator[Any]:
         yield client
 
 
-@pytest.fixture(scope="module")
-def name(model: OnnxModel) -> str:
-    return model.metadata.model_name
-
-
-@pytest.fixture
-def client(server: ServerThread) -> Iterator[Any]:
-    with httpx.Client(base_url=server.url, timeout=TIMEOUT, trust_env=False) as c:
-        yield c
-
-
 def image_input(data: bytes, binary: bool = True) -> Any:
     """IMAGE: the file in binary (tritonclient's default), or base64-encoded in the JSON."""
     tensor = httpclient.InferInput("IMAGE", [1], "BYTES")
