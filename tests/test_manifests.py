@@ -151,12 +151,16 @@ def test_ports_and_probes_are_the_servers() -> None:
     defaults = Settings.model_fields
     container = named(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": defaults["port"].default, "grpc": defaults["grpc_port"].default}
+    metrics_port = env_of(container)["MRCNN_METRICS_PORT"]  # the metrics' own port (docs/front_door.md)
+    assert ports == {"http": defaults["port"].default, "grpc": defaults["grpc_port"].default,
+                     "metrics": int(metrics_port)}
+    annotations = named(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == metrics_port
     service = named(docs, "Service")["spec"]["ports"]
-    assert {p["targetPort"] for p in service} == set(ports)
+    assert {p["targetPort"] for p in service} == {"http", "grpc"}  # metrics are scraped per pod, not served
     assert next(p for p in service if p["name"] == "grpc")["appProtocol"] == "kubernetes.io/h2c"
     exposed = re.findall(r"^EXPOSE\s+(.+)$", (ROOT / "Dockerfile").read_text(), flags=re.M)
-    assert {int(p) for line in exposed for p in line.split()} >= set(ports.values())
+    assert {int(p) for line in exposed for p in line.split()} >= {ports["http"], ports["grpc"]}
 
 
 def test_kserve_runtime_and_services_fit_together() -> None:
