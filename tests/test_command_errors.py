@@ -118,7 +118,14 @@ def run(argv: list[str], **env: str) -> tuple[int, str]:
     return done.returncode, done.stderr.decode()
 
 
-@pytest.mark.parametrize(("template", "status", "says"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+# One case per command in the fast tier; the rest, each a few seconds of starting PyTorch, in the slow one.
+FAST_CASES = {"evaluation, empty --data", "shapes, --num 0", "export, missing --checkpoint",
+              "quantize, missing --model", "client, server down"}
+
+
+@pytest.mark.parametrize(("template", "status", "says"), [
+    pytest.param(*c[1:], id=c[0], marks=() if c[0] in FAST_CASES else pytest.mark.slow) for c in CASES
+])
 def test_one_line_names_what_is_wrong(template, status, says, files, tiny_checkpoint) -> None:
     argv, values = command(template, files, tiny_checkpoint)
     status_seen, stderr = run(argv, MRCNN_DEBUG="")
