@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks import machine, table, write_section
-from benchmarks.serve_load import free_port, images, jpeg, load, percentile
+from benchmarks.serve_load import free_port, images, jpeg, load, percentile, start_server
 from service.core.settings import DEFAULT_MODEL_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,27 +48,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start(model: Path, port: int, env: dict[str, str], out: Path) -> subprocess.Popen[bytes]:
-    """The server with ``env`` on top of the load-test settings, its stdout (spans) and stderr (logs) in
-    ``out``.*; returns once ready."""
-    import httpx
-
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("MRCNN_", "OTEL_"))}
+    """The server with ``env`` on top of the load-test settings, logging at INFO (the log line per request is
+    part of what is measured), its stdout (spans) and stderr (logs) in ``out``.*; returns once ready."""
     settings = {"MRCNN_MAX_BATCH_SIZE": "8", "MRCNN_QUEUE_CAPACITY": "64", "MRCNN_REQUEST_TIMEOUT_S": "3600"}
-    with out.with_suffix(".stdout").open("ab") as stdout, out.with_suffix(".stderr").open("ab") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "service", "--model", str(model), "--port", str(port)],
-                                cwd=ROOT, env=base | settings | env, stdout=stdout, stderr=stderr)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {out}.stderr")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2, trust_env=False).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+    return start_server(model, port, settings | env, log_level="info", output=out)
 
 
 async def light_load(url: str, path: str, concurrency: int, requests: int, headers: dict[str, str]) -> float:

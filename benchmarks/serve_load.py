@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import shlex
@@ -84,17 +85,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+def start_server(
+    model: Path, port: int, env: dict[str, str], log_level: str = "warning", output: Path | None = None
+) -> subprocess.Popen:
+    """``python -m service`` with ``env`` over none of this shell's MRCNN_*/OTEL_* settings, its stdout and
+    stderr in ``output``.stdout / .stderr when given; returns once ready."""
     import httpx
 
     # No gRPC door unless ``env`` asks for one: its default port is fixed, and other servers may hold it.
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MRCNN_")} | {"MRCNN_GRPC_PORT": "0"} | env
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--model", str(model), "--port", str(port),
-                             "--log-level", "warning"], cwd=ROOT, env=full_env)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MRCNN_", "OTEL_"))}
+    argv = [sys.executable, "-m", "service", "--model", str(model), "--port", str(port), "--log-level", log_level]
+    with contextlib.ExitStack() as files:
+        stdout = stderr = None  # inherited
+        if output is not None:
+            stdout = files.enter_context(output.with_suffix(".stdout").open("ab"))
+            stderr = files.enter_context(output.with_suffix(".stderr").open("ab"))
+        proc = subprocess.Popen(argv, cwd=ROOT, env=base | {"MRCNN_GRPC_PORT": "0"} | env, stdout=stdout,
+                                stderr=stderr)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
+            raise SystemExit(f"server exited with {proc.returncode}" + (f"; see {output}.stderr" if output else ""))
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2, trust_env=False).status_code == 200:
                 return proc
