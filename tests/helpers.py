@@ -9,6 +9,7 @@ random-weight helpers (random_images, calibrate_batch_norms) serve benchmarks/ex
 from __future__ import annotations
 
 import io
+import json
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import cv2
 import numpy as np
+import pytest
 import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -295,3 +297,27 @@ def assert_found(known_masks: np.ndarray, known_labels: np.ndarray, masks: np.nd
     for mask, label in zip(known_masks, known_labels, strict=True):
         best = max((iou(mask, m) for m, c in zip(masks, labels, strict=True) if c == label), default=0.0)
         assert best >= min_iou, f"object of class {label} not found (best mask IoU {best:.2f})"
+
+
+def segment_json(client: Any, png: bytes, **options: str) -> dict:
+    """/segment's answer for a PNG, through an HTTP client of the server (the protocols' reference)."""
+    r = client.post("/segment", params=options, files={"image": ("a.png", png, "image/png")})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_outputs_are_segment(outputs: dict[str, np.ndarray], body: dict, score_tol: float) -> None:
+    """Protocol outputs by name hold exactly /segment's detections: labels and class names, scores within
+    ``score_tol``, boxes (rounded to 2 decimals by /segment), the very RLEs and polygons."""
+    dets = body["detections"]
+    assert len(outputs["scores"]) == len(dets)
+    np.testing.assert_allclose(outputs["boxes"], [d["box"] for d in dets], atol=0.006)
+    assert outputs["scores"].tolist() == pytest.approx([d["score"] for d in dets], abs=score_tol)
+    if "labels" in outputs:
+        assert outputs["labels"].tolist() == [d["class_id"] for d in dets]
+    if "class_names" in outputs:
+        assert outputs["class_names"].tolist() == [d["label"] for d in dets]
+    if "masks" in outputs:
+        assert [json.loads(v) for v in outputs["masks"]] == [d["mask"] for d in dets]
+    if "polygons" in outputs:
+        assert [json.loads(v) for v in outputs["polygons"]] == [d["polygons"] for d in dets]

@@ -29,7 +29,19 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from service.core.runtime import OnnxModel
-from tests.helpers import MAX_PIXELS, MAX_UPLOAD, TIMEOUT, ServerThread, encode, free_port, metric_values, sample, scene
+from tests.helpers import (
+    MAX_PIXELS,
+    MAX_UPLOAD,
+    TIMEOUT,
+    ServerThread,
+    assert_outputs_are_segment,
+    encode,
+    free_port,
+    metric_values,
+    sample,
+    scene,
+    segment_json,
+)
 
 grpc = pytest.importorskip("grpc")
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -40,6 +52,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "inference.GRPCInferenceService"
+SCORE_TOL = 1e-5  # gRPC scores against /segment's
 DEFAULT_OUTPUTS = ["boxes", "scores", "labels", "class_names", "masks"]
 
 
@@ -66,29 +79,6 @@ def outputs_of(result: Any) -> dict[str, np.ndarray]:
             values = np.array([v.decode() for v in values], dtype=object)
         out[o.name] = values
     return out
-
-
-def segment(client: Any, png: bytes, **options: str) -> dict:
-    r = client.post("/segment", params=options, files={"image": ("a.png", png, "image/png")})
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def assert_same_as_segment(outputs: dict[str, np.ndarray], body: dict) -> None:
-    """The gRPC outputs hold exactly /segment's detections: labels, scores within 1e-5, boxes (rounded to 2
-    decimals by /segment), the very RLEs and polygons."""
-    dets = body["detections"]
-    assert len(outputs["scores"]) == len(dets)
-    np.testing.assert_allclose(outputs["scores"], [d["score"] for d in dets], atol=1e-5)
-    np.testing.assert_allclose(outputs["boxes"], [d["box"] for d in dets], atol=0.006)
-    if "labels" in outputs:
-        assert outputs["labels"].tolist() == [d["class_id"] for d in dets]
-    if "class_names" in outputs:
-        assert outputs["class_names"].tolist() == [d["label"] for d in dets]
-    if "masks" in outputs:
-        assert [json.loads(v) for v in outputs["masks"]] == [d["mask"] for d in dets]
-    if "polygons" in outputs:
-        assert [json.loads(v) for v in outputs["polygons"]] == [d["polygons"] for d in dets]
 
 
 # ---- health, metadata, configuration ---------------------------------------------------------------
@@ -145,13 +135,13 @@ def test_health_service_and_reflection(server: ServerThread) -> None:
 def test_infer_image_and_pixels_answer_as_segment(triton: Any, client: Any, name: str) -> None:
     rgb = scene(50).image
     png = encode(rgb)
-    expected = segment(client, png, formats="rle")
+    expected = segment_json(client, png, formats="rle")
     assert expected["detections"], "the tiny model gave no detection at the test threshold"
     for inputs in ([image_input(png)], [pixels_input(rgb)]):
         result = triton.infer(name, inputs)  # no outputs named: the defaults, all in raw contents
         assert [o.name for o in result.get_response().outputs] == DEFAULT_OUTPUTS
         assert len(result.get_response().raw_output_contents) == len(DEFAULT_OUTPUTS)
-        assert_same_as_segment(outputs_of(result), expected)
+        assert_outputs_are_segment(outputs_of(result), expected, SCORE_TOL)
     for masks in outputs_of(result)["masks"]:  # the RLEs are pycocotools' own
         assert mask_utils.decode(json.loads(masks)).shape == rgb.shape[:2]
 
@@ -172,14 +162,14 @@ def test_typed_contents_are_read_as_raw_contents(server: ServerThread, triton: A
 def test_chosen_outputs_and_parameters(triton: Any, client: Any, name: str, model: OnnxModel) -> None:
     png = encode(scene(52).image)
     classes = model.class_names[1:3]
-    expected = segment(client, png, score_threshold="0.1", max_detections="4", classes=",".join(classes))
+    expected = segment_json(client, png, score_threshold="0.1", max_detections="4", classes=",".join(classes))
     assert 0 < len(expected["detections"]) <= 4
     wanted = [grpcclient.InferRequestedOutput(n) for n in ("scores", "polygons", "boxes")]
     parameters = {"score_threshold": 0.1, "max_detections": 4, "classes": ",".join(classes)}
     result = triton.infer(name, [image_input(png)], outputs=wanted, parameters=parameters, request_id="r1")
     assert result.get_response().id == "r1"
     assert [o.name for o in result.get_response().outputs] == ["scores", "polygons", "boxes"]
-    assert_same_as_segment(outputs_of(result), expected)
+    assert_outputs_are_segment(outputs_of(result), expected, SCORE_TOL)
 
 
 def test_concurrent_async_infer_is_batched(triton: Any, client: Any, name: str) -> None:

@@ -21,12 +21,23 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from service.core.runtime import OnnxModel
-from tests.helpers import MAX_UPLOAD, TIMEOUT, ServerThread, encode, metric_values, sample, scene
+from tests.helpers import (
+    MAX_UPLOAD,
+    TIMEOUT,
+    ServerThread,
+    assert_outputs_are_segment,
+    encode,
+    metric_values,
+    sample,
+    scene,
+    segment_json,
+)
 
 httpclient = pytest.importorskip("tritonclient.http")
 httpx = pytest.importorskip("httpx")
 
 README = Path(__file__).resolve().parents[1] / "service" / "README.md"
+SCORE_TOL = 1e-7  # v2 scores against /segment's
 DEFAULT_OUTPUTS = ["boxes", "scores", "labels", "class_names", "masks"]
 
 
@@ -59,28 +70,6 @@ def outputs_of(result: Any) -> dict[str, np.ndarray]:
             values = np.array([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
         out[o["name"]] = values
     return out
-
-
-def segment(client: Any, png: bytes, **options: str) -> dict:
-    r = client.post("/segment", params=options, files={"image": ("a.png", png, "image/png")})
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def assert_same_as_segment(outputs: dict[str, np.ndarray], body: dict) -> None:
-    """The v2 outputs hold exactly /segment's detections (its boxes are rounded to 2 decimals)."""
-    dets = body["detections"]
-    assert len(outputs["scores"]) == len(dets)
-    np.testing.assert_allclose(outputs["boxes"], [d["box"] for d in dets], atol=0.006)
-    assert outputs["scores"].tolist() == pytest.approx([d["score"] for d in dets], abs=1e-7)
-    if "labels" in outputs:
-        assert outputs["labels"].tolist() == [d["class_id"] for d in dets]
-    if "class_names" in outputs:
-        assert outputs["class_names"].tolist() == [d["label"] for d in dets]
-    if "masks" in outputs:
-        assert [json.loads(v) for v in outputs["masks"]] == [d["mask"] for d in dets]
-    if "polygons" in outputs:
-        assert [json.loads(v) for v in outputs["polygons"]] == [d["polygons"] for d in dets]
 
 
 # ---- health, metadata, configuration ---------------------------------------------------------------
@@ -116,17 +105,17 @@ def test_health_metadata_and_config(triton: Any, name: str, model: OnnxModel) ->
 def test_infer_answers_as_segment_in_binary_json_image_and_pixels(triton: Any, client: Any, name: str) -> None:
     rgb = scene(40).image
     png = encode(rgb)
-    expected = segment(client, png, formats="rle")
+    expected = segment_json(client, png, formats="rle")
     assert expected["detections"], "the tiny model gave no detection at the test threshold"
     binary = triton.infer(name, [image_input(png)])  # no outputs named: all defaults, in binary
     assert [o["name"] for o in binary.get_response()["outputs"]] == DEFAULT_OUTPUTS
     assert all("binary_data_size" in o["parameters"] for o in binary.get_response()["outputs"])
-    assert_same_as_segment(outputs_of(binary), expected)
+    assert_outputs_are_segment(outputs_of(binary), expected, SCORE_TOL)
     in_json = [httpclient.InferRequestedOutput(n, binary_data=False) for n in DEFAULT_OUTPUTS]
     for inputs in ([image_input(png, binary=False)], [pixels_input(rgb)], [pixels_input(rgb, binary=False)]):
         result = triton.infer(name, inputs, outputs=in_json)
         assert all("data" in o for o in result.get_response()["outputs"])
-        assert_same_as_segment(outputs_of(result), expected)
+        assert_outputs_are_segment(outputs_of(result), expected, SCORE_TOL)
     for masks in outputs_of(binary)["masks"]:  # the RLEs are pycocotools' own
         assert mask_utils.decode(json.loads(masks)).shape == rgb.shape[:2]
 
@@ -134,30 +123,30 @@ def test_infer_answers_as_segment_in_binary_json_image_and_pixels(triton: Any, c
 def test_chosen_outputs_and_parameters(triton: Any, client: Any, name: str, model: OnnxModel) -> None:
     png = encode(scene(41).image)
     classes = model.class_names[1:3]
-    expected = segment(client, png, score_threshold="0.1", max_detections="4", classes=",".join(classes))
+    expected = segment_json(client, png, score_threshold="0.1", max_detections="4", classes=",".join(classes))
     wanted = [httpclient.InferRequestedOutput("scores"), httpclient.InferRequestedOutput("polygons", False),
               httpclient.InferRequestedOutput("boxes")]
     parameters = {"score_threshold": 0.1, "max_detections": 4, "classes": ",".join(classes)}
     result = triton.infer(name, [image_input(png)], outputs=wanted, parameters=parameters)
     assert [o["name"] for o in result.get_response()["outputs"]] == ["scores", "polygons", "boxes"]
     assert 0 < len(expected["detections"]) <= 4
-    assert_same_as_segment(outputs_of(result), expected)
+    assert_outputs_are_segment(outputs_of(result), expected, SCORE_TOL)
     as_list = triton.infer(name, [image_input(png)], outputs=wanted, parameters={**parameters, "classes": classes})
     assert outputs_of(as_list)["scores"].tolist() == outputs_of(result)["scores"].tolist()
 
 
 def test_raw_binary_gzip_and_deflate_requests(triton: Any, client: Any, name: str) -> None:
     png = encode(scene(42).image)
-    expected = segment(client, png, formats="rle")
+    expected = segment_json(client, png, formats="rle")
     raw = client.post(f"/v2/models/{name}/infer", content=png, headers={"Inference-Header-Content-Length": "0"})
     assert raw.status_code == 200, raw.text
     header = int(raw.headers["inference-header-content-length"])
     result = httpclient.InferenceServerClient.parse_response_body(raw.content, header_length=header)
     assert [o["name"] for o in result.get_response()["outputs"]] == DEFAULT_OUTPUTS
-    assert_same_as_segment(outputs_of(result), expected)
+    assert_outputs_are_segment(outputs_of(result), expected, SCORE_TOL)
     for algorithm in ("gzip", "deflate"):
         compressed = triton.infer(name, [image_input(png)], request_compression_algorithm=algorithm)
-        assert_same_as_segment(outputs_of(compressed), expected)
+        assert_outputs_are_segment(outputs_of(compressed), expected, SCORE_TOL)
 
 
 def test_concurrent_async_infer_is_batched(server: ServerThread, triton: Any, client: Any, name: str) -> None:
