@@ -57,13 +57,12 @@ class Job(Generic[P, R]):
 
 
 class Slot(Generic[P, R]):
-    """An admitted request's place in the server; ``submit`` queues its work once."""
+    """An admitted request's place in the server; ``submit`` queues its work, once per place held."""
 
     def __init__(self, batcher: DynamicBatcher[P, R]) -> None:
         self._batcher = batcher
-        self.submitted = False
         self.places = 1  # of the batcher's capacity: one, or one per image of a tiled request (``hold``)
-        self.jobs = 0
+        self.jobs = 0  # submitted so far
         self.admitted_at = time.perf_counter()  # a request's own timeout counts from here
 
     def hold(self, places: int) -> None:
@@ -81,8 +80,7 @@ class Slot(Generic[P, R]):
         """
         if self.jobs >= self.places:
             raise RuntimeError("a slot submits once per place it holds")
-        job = self._batcher._enqueue(payload, priority, arrived=not self.submitted)
-        self.submitted = True
+        job = self._batcher._enqueue(payload, priority, arrived=self.jobs == 0)
         self.jobs += 1
         return job
 
@@ -148,7 +146,7 @@ class DynamicBatcher(Generic[P, R]):
         try:
             yield slot
         finally:
-            if not slot.submitted:
+            if slot.jobs == 0:
                 self.arriving -= 1
             self.admitted -= slot.places
 
