@@ -7,34 +7,29 @@ x ``sampling_ratio`` regularly spaced points with bilinear interpolation, and av
 
 The op ``maskrcnn::roi_align`` is registered with ``torch.library`` so that
 
-* eager PyTorch runs a vectorized kernel (one ``grid_sample`` per image, no loop over RoIs; adaptive
-  sampling loops over the distinct sample counts, one such call each),
-* autograd uses a registered backward (``maskrcnn::roi_align_backward``),
+* eager PyTorch runs it as one sparse matrix product per image: RoIAlign is linear in the features, and
+  each output bin reads at most 4 pixels per sample, so ``bilinear_map`` writes the op as a sparse matrix
+  [bins, H * W] (no loop over RoIs, channels or samples; no per-channel sample tensor),
+* autograd uses a registered backward (``maskrcnn::roi_align_backward``): the same matrix, transposed, so
+  the gradient is one more sparse product instead of a scatter of every sample of every channel,
 * ``torch.export`` traces it through its fake implementation, and the ONNX exporter maps it to the
   standard ONNX ``RoiAlign`` (see ``export/onnx_ops.py``).
 
 Boundary semantics follow torchvision's CPU/CUDA kernels (and ONNX Runtime's): a sample further
 than one pixel outside the feature map contributes zero, one within a pixel of the border is clamped
-to the border. ``grid_sample`` with ``padding_mode="border"`` and ``align_corners=True`` clamps the
-same way, so the only extra step is zeroing the far-outside samples.
+to the border (``_axis_weights``).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # RoIs are pooled in bands of this many feature-map rows, left to right within a band (see spatial_order).
 ORDER_BAND_ROWS = 32
-# Adaptive sampling pools a group's RoIs in chunks of at most this many samples (RoIs x channels x
-# samples per RoI): one RoI over a whole P2 map takes ceil(roi / bin) samples per bin side, tens of millions.
-MAX_CHUNK_SAMPLES = 2**25
-# grid_sample's integer codes, as aten.grid_sampler_2d_backward takes them.
-_BILINEAR = 0
-_BORDER = 1
 
 
 def _sample_coords(start: Tensor, size: Tensor, pooled: int, samples: int, limit: int) -> tuple[Tensor, Tensor]:
@@ -68,48 +63,55 @@ def _roi_extents(rois: Tensor, spatial_scale: float, aligned: bool) -> tuple[Ten
     return x1, y1, roi_w, roi_h
 
 
-def _sampling_grid(
+def _axis_weights(start: Tensor, size: Tensor, pooled: int, samples: int, limit: int) -> tuple[Tensor, Tensor]:
+    """Along one axis, the two pixels each sample lies between and their bilinear weights, [K, pooled,
+    2 * samples] each, by torchvision's rules: a sample more than one pixel outside the map weighs zero, one
+    within a pixel of the border is clamped onto it."""
+    coords, inside = _sample_coords(start, size, pooled, samples, limit)
+    coords = coords.clamp(min=0)
+    low = coords.floor()
+    at_end = low >= limit - 1
+    low = low.clamp(max=limit - 1)
+    frac = torch.where(at_end, 0.0, coords - low)
+    index = torch.stack([low, torch.where(at_end, low, low + 1)], dim=-1).to(torch.int64)
+    weight = torch.stack([1 - frac, frac], dim=-1) * inside[..., None]
+    shape = (start.shape[0], pooled, 2 * samples)
+    return index.view(shape), weight.view(shape)
+
+
+def bilinear_map(
     rois: Tensor, height: int, width: int, spatial_scale: float, pooled: tuple[int, int], samples: tuple[int, int],
     aligned: bool,
 ) -> tuple[Tensor, Tensor]:
-    """The normalized grid_sample grid [K, PH*sh, PW*sw, 2] and the in-range mask [K, PH*sh, PW*sw]."""
+    """RoIAlign of ``rois`` with ``samples`` (sh, sw) points per bin as a sparse linear map from feature pixels
+    (``y * width + x``) to bins (RoI by RoI, row by row): each bin's pixels and their weights (the bilinear
+    weight over the number of samples averaged), [K * PH * PW, 4 * sh * sw] each.
+
+    The weights are outer products of the two axes' weights. A pixel read by several samples appears several
+    times; the sparse product adds them up."""
     x1, y1, roi_w, roi_h = _roi_extents(rois, spatial_scale, aligned)
-    xs, x_in = _sample_coords(x1, roi_w, pooled[1], samples[1], width)
-    ys, y_in = _sample_coords(y1, roi_h, pooled[0], samples[0], height)
-    # align_corners=True maps -1 / +1 to the centres of the first / last pixel.
-    # Normalized in float64: grid_sample un-normalizes in the feature dtype, and the round trip
-    # should not add more than one rounding to the sample positions.
-    gx = (xs.double() * (2.0 / max(width - 1, 1)) - 1.0).to(xs.dtype)
-    gy = (ys.double() * (2.0 / max(height - 1, 1)) - 1.0).to(ys.dtype)
-    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-    inside = y_in[:, :, None] & x_in[:, None, :]
-    return grid, inside
+    ys, wy = _axis_weights(y1, roi_h, pooled[0], samples[0], height)
+    xs, wx = _axis_weights(x1, roi_w, pooled[1], samples[1], width)
+    columns = ys[:, :, None, :, None] * width + xs[:, None, :, None, :]
+    weights = wy[:, :, None, :, None] * (wx[:, None, :, None, :] / max(samples[0] * samples[1], 1))
+    shape = (rois.shape[0] * pooled[0] * pooled[1], 4 * samples[0] * samples[1])
+    return columns.reshape(shape), weights.reshape(shape)
 
 
-def adaptive_groups(
-    rois: Tensor, channels: int, spatial_scale: float, pooled: tuple[int, int], aligned: bool
-) -> list[tuple[tuple[int, int], Tensor]]:
-    """Adaptive sampling (``sampling_ratio <= 0``): ceil(roi_h / PH) x ceil(roi_w / PW) samples per bin, per
-    RoI, as torchvision's kernel and ONNX ``RoiAlign`` with ``sampling_ratio=0`` take them.
-
-    Returns the RoIs grouped by their sample counts, ((samples_h, samples_w), indices), each group cut into
-    chunks of at most MAX_CHUNK_SAMPLES samples. RoIs with no samples (an empty aligned RoI) are in no
-    group: their output is zero, as in torchvision.
-    """
+def sample_counts(
+    rois: Tensor, spatial_scale: float, pooled: tuple[int, int], sampling_ratio: int, aligned: bool
+) -> tuple[Tensor, Tensor]:
+    """Samples per bin side for each RoI, (samples_h [K], samples_w [K]): ``sampling_ratio`` when it is > 0;
+    otherwise adaptive, ceil(roi_h / PH) x ceil(roi_w / PW), as torchvision's kernel and ONNX ``RoiAlign``
+    with ``sampling_ratio=0`` take them. An empty aligned RoI gets no samples: its output is zero, as in
+    torchvision."""
+    if sampling_ratio > 0:
+        fixed = torch.full((rois.shape[0],), sampling_ratio, dtype=torch.int64, device=rois.device)
+        return fixed, fixed
     _, _, roi_w, roi_h = _roi_extents(rois, spatial_scale, aligned)
-    samples_h = torch.ceil(roi_h / pooled[0]).to(torch.int64)
-    samples_w = torch.ceil(roi_w / pooled[1]).to(torch.int64)
-    sampled = ((samples_h > 0) & (samples_w > 0)).nonzero().squeeze(1)
-    if sampled.numel() == 0:
-        return []
-    keys = samples_h[sampled] * (int(samples_w.max()) + 1) + samples_w[sampled]
-    groups: list[tuple[tuple[int, int], Tensor]] = []
-    for key in torch.unique(keys).tolist():
-        index = sampled[keys == key]
-        sh, sw = int(samples_h[index[0]]), int(samples_w[index[0]])
-        per_chunk = max(1, MAX_CHUNK_SAMPLES // (channels * pooled[0] * sh * pooled[1] * sw))
-        groups.extend(((sh, sw), chunk) for chunk in index.split(per_chunk))
-    return groups
+    samples_h = torch.ceil(roi_h / pooled[0]).clamp(min=0).to(torch.int64)
+    samples_w = torch.ceil(roi_w / pooled[1]).clamp(min=0).to(torch.int64)
+    return samples_h, samples_w
 
 
 def _check_args(features: Tensor, rois: Tensor) -> None:
@@ -119,53 +121,58 @@ def _check_args(features: Tensor, rois: Tensor) -> None:
         )
 
 
-def _by_image(rois: Tensor, n: int) -> tuple[Tensor, list[tuple[int, slice]], Tensor | None]:
-    """``rois`` sorted by image, each image's slice of them, and the order that restores theirs (None when
-    they came sorted, as MultiScaleRoIAlign's do): a slice costs no gather, where per-image indices would
-    copy every RoI's samples twice more."""
-    batch_index = rois[:, 0].long()
-    order = None
-    if not bool((batch_index[1:] >= batch_index[:-1]).all()):
-        order = torch.argsort(batch_index, stable=True)
-        rois, batch_index = rois[order], batch_index[order]
-    counts = torch.bincount(batch_index, minlength=n).tolist()
-    if sum(counts[:n]) != rois.shape[0] or (rois.shape[0] and int(batch_index[0]) < 0):
-        raise ValueError(f"RoI batch indices must lie in [0, {n}), the feature batch")
-    slices, start = [], 0
-    for b, count in enumerate(counts[:n]):
-        if count:
-            slices.append((b, slice(start, start + count)))
-        start += count
-    return rois, slices, None if order is None else torch.argsort(order)
+def _image_maps(
+    rois: Tensor, n: int, height: int, width: int, spatial_scale: float, pooled: tuple[int, int],
+    sampling_ratio: int, aligned: bool,
+) -> list[tuple[int, Tensor, Tensor, Tensor]]:
+    """For each image with RoIs: its index, its RoIs (indices into ``rois``), the pixels they read (indices
+    into H * W) and the sparse CSR matrix [their bins, those pixels] that pools them (``bilinear_map``).
 
-
-def _pool(
-    features: Tensor, rois: Tensor, spatial_scale: float, pooled: tuple[int, int], samples: tuple[int, int],
-    aligned: bool,
-) -> Tensor:
-    """RoIAlign with ``samples`` (sh, sw) points per bin for every RoI: [K, C, PH, PW].
-
-    The samples stay in grid_sample's channel-first layout [C, K, PH*sh, PW*sw]; the average pool reads
-    it as is (K as its channels), so only the pooled results, sh*sw times smaller, are joined and transposed.
+    The RoIs are grouped by image and then by sample counts (stably: within a group they keep their order,
+    which MultiScaleRoIAlign makes spatial); each group is mapped in one call.
     """
-    n, c, h, w = features.shape
-    sh, sw = samples
     if rois.shape[0] == 0:
-        return features.new_zeros(0, c, *pooled)
-    rois, slices, restore = _by_image(rois, n)
-    grid, inside = _sampling_grid(rois, h, w, spatial_scale, pooled, samples, aligned)
-    check_inside = not bool(inside.all())  # RoIs inside the map (proposals are clipped to the image) skip it
-    parts = []
-    for b, rows in slices:  # one grid_sample per image; the RoIs of an image are sampled together
-        image_grid = grid[rows].reshape(1, -1, pooled[1] * sw, 2)
-        sampled = F.grid_sample(
-            features[b : b + 1], image_grid, mode="bilinear", padding_mode="border", align_corners=True
-        ).view(c, -1, pooled[0] * sh, pooled[1] * sw)
-        if check_inside:
-            sampled = sampled * inside[rows].to(sampled.dtype)
-        parts.append(F.avg_pool2d(sampled, kernel_size=samples, stride=samples))
-    out = torch.cat(parts, dim=1).transpose(0, 1).contiguous()
-    return out if restore is None else out[restore]
+        return []
+    batch_index = rois[:, 0].long()
+    if (int(batch_index.min()) < 0 or int(batch_index.max()) >= n):
+        raise ValueError(f"RoI batch indices must lie in [0, {n}), the feature batch")
+    samples_h, samples_w = sample_counts(rois, spatial_scale, pooled, sampling_ratio, aligned)
+    key = (batch_index * (int(samples_h.max()) + 1) + samples_h) * (int(samples_w.max()) + 1) + samples_w
+    order = torch.argsort(key, stable=True)
+    _, counts = torch.unique_consecutive(key[order], return_counts=True)
+    groups: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
+    for index in order.split(counts.tolist()):
+        first = int(index[0])
+        samples = (int(samples_h[first]), int(samples_w[first]))
+        columns, weights = bilinear_map(rois[index], height, width, spatial_scale, pooled, samples, aligned)
+        groups.setdefault(int(batch_index[first]), []).append((index, columns, weights))
+    maps = []
+    for b, parts in groups.items():
+        pixels, columns = _compact(torch.cat([c.flatten() for _, c, _ in parts]), height * width)
+        row_sizes = torch.cat([torch.full((c.shape[0],), c.shape[1], dtype=torch.int64) for _, c, _ in parts])
+        crow = torch.cat([row_sizes.new_zeros(1), row_sizes.cumsum(0)]).to(rois.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the products used here are not
+            warnings.simplefilter("ignore")
+            matrix = torch.sparse_csr_tensor(
+                crow, columns, torch.cat([w.flatten() for _, _, w in parts]),
+                size=(int(row_sizes.numel()), pixels.numel()), check_invariants=False,
+            )
+        maps.append((b, torch.cat([index for index, _, _ in parts]), pixels, matrix))
+    return maps
+
+
+def _compact(columns: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """The pixels a map reads (ascending) and its columns renumbered to index them: the products then touch
+    those pixels only, not the whole map (a few RoIs on P2 read a small part of it)."""
+    read = torch.zeros(size, dtype=torch.bool, device=columns.device)
+    read[columns] = True
+    return read.nonzero().squeeze(1), (read.cumsum(0) - 1)[columns]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The sparse products run in float32 or float64 (MKL has no half-precision kernel); float16 and
+    bfloat16 are computed in float32 and rounded once at the end."""
+    return dtype if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("maskrcnn::roi_align", mutates_args=())
@@ -181,56 +188,24 @@ def roi_align(
     """RoIAlign of ``rois`` [K, 5] (batch index, x1, y1, x2, y2) on ``features`` [N, C, H, W] -> [K, C, PH, PW].
 
     ``sampling_ratio`` > 0 samples each bin at that many points per side; <= 0 samples adaptively (see
-    ``adaptive_groups``).
+    ``sample_counts``). Per image, one sparse product: its bins = ``bilinear_map`` @ its pixels.
     """
     _check_args(features, rois)
-    rois = rois.to(features.dtype)
-    pooled = (pooled_height, pooled_width)
-    if sampling_ratio > 0:
-        return _pool(features, rois, spatial_scale, pooled, (sampling_ratio, sampling_ratio), aligned)
-    out = features.new_zeros(rois.shape[0], features.shape[1], pooled_height, pooled_width)
-    for samples, index in adaptive_groups(rois, features.shape[1], spatial_scale, pooled, aligned):
-        out[index] = _pool(features, rois[index], spatial_scale, pooled, samples, aligned)
-    return out
+    n, c, h, w = features.shape
+    dtype = _compute_dtype(features.dtype)
+    values, rois = features.to(dtype), rois.to(dtype)
+    out = values.new_empty(rois.shape[0], c, pooled_height, pooled_width)
+    maps = _image_maps(rois, n, h, w, spatial_scale, (pooled_height, pooled_width), sampling_ratio, aligned)
+    with torch.autocast(features.device.type, enabled=False):  # an op's body still sees the caller's autocast
+        for b, index, pixels, matrix in maps:
+            pooled = torch.sparse.mm(matrix, values[b].reshape(c, h * w).t().index_select(0, pixels))  # [bins, C]
+            out[index] = pooled.view(-1, pooled_height, pooled_width, c).permute(0, 3, 1, 2)
+    return out.to(features.dtype)
 
 
 @roi_align.register_fake
 def _roi_align_fake(features, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     return features.new_empty((rois.shape[0], features.shape[1], pooled_height, pooled_width))
-
-
-def _pool_backward(
-    grad: Tensor, rois: Tensor, spatial_scale: float, pooled: tuple[int, int], samples: tuple[int, int],
-    aligned: bool, grad_features: Tensor, written: set[int],
-) -> None:
-    """Add the gradient of ``_pool`` with respect to the features into ``grad_features`` [N, C, H, W]: copied
-    into an image's slice the first time (``written`` records which), added after, so the common case of
-    one pass per image never fills the whole map with zeros first."""
-    n, c, h, w = grad_features.shape
-    sh, sw = samples
-    rois, slices, restore = _by_image(rois, n)
-    if restore is not None:
-        grad = grad[torch.argsort(restore)]
-    grid, inside = _sampling_grid(rois, h, w, spatial_scale, pooled, samples, aligned)
-    # Undo the average pool (each sample gets 1 / (sh * sw) of its bin's gradient) and the out-of-range
-    # zeroing, straight into grid_sample's layout [C, K, PH, sh, PW, sw]: one pass over the samples.
-    weight = grad.new_tensor(1.0 / (sh * sw)).expand(rois.shape[0], pooled[0], sh, pooled[1], sw)
-    if not bool(inside.all()):
-        weight = inside.view(-1, pooled[0], sh, pooled[1], sw).to(grad.dtype) * weight
-    shape_only = grad.new_empty(1, c, h, w)
-    for b, rows in slices:
-        # Written into a channel-first tensor: the product of a transposed view would keep its strides.
-        image_grad = grad.new_empty(c, rows.stop - rows.start, pooled[0], sh, pooled[1], sw)
-        torch.mul(grad[rows].transpose(0, 1)[:, :, :, None, :, None], weight[rows], out=image_grad)
-        image_grid = grid[rows].reshape(1, -1, pooled[1] * sw, 2)
-        grad_input, _ = torch.ops.aten.grid_sampler_2d_backward(
-            image_grad.view(1, c, -1, pooled[1] * sw), shape_only, image_grid, _BILINEAR, _BORDER, True, [True, False]
-        )
-        if b in written:
-            grad_features[b] += grad_input[0]
-        else:
-            grad_features[b].copy_(grad_input[0])
-            written.add(b)
 
 
 @torch.library.custom_op("maskrcnn::roi_align_backward", mutates_args=())
@@ -246,19 +221,19 @@ def roi_align_backward(
     height: int,
     width: int,
 ) -> Tensor:
-    """Gradient of ``roi_align`` with respect to the features: the bilinear weights scattered back."""
-    rois = rois.to(grad.dtype)
-    pooled = (pooled_height, pooled_width)
-    grad_features = grad.new_empty(batch_size, grad.shape[1], height, width)
-    written: set[int] = set()
-    if sampling_ratio > 0:
-        _pool_backward(grad, rois, spatial_scale, pooled, (sampling_ratio,) * 2, aligned, grad_features, written)
-    else:
-        for samples, index in adaptive_groups(rois, grad.shape[1], spatial_scale, pooled, aligned):
-            _pool_backward(grad[index], rois[index], spatial_scale, pooled, samples, aligned, grad_features, written)
-    for b in set(range(batch_size)) - written:  # images without RoIs get no gradient
-        grad_features[b].zero_()
-    return grad_features
+    """Gradient of ``roi_align`` with respect to the features: per image, the transposed map times the bins'
+    gradient, each pixel summing what its samples' weights sent to the bins (torchvision's kernel's order)."""
+    c = grad.shape[1]
+    dtype = _compute_dtype(grad.dtype)
+    values, rois = grad.to(dtype), rois.to(dtype)
+    grad_features = values.new_zeros(batch_size, c, height * width)
+    maps = _image_maps(rois, batch_size, height, width, spatial_scale, (pooled_height, pooled_width),
+                       sampling_ratio, aligned)
+    with torch.autocast(grad.device.type, enabled=False):
+        for b, index, pixels, matrix in maps:
+            read = torch.sparse.mm(matrix.t(), values[index].permute(0, 2, 3, 1).reshape(-1, c))  # [pixels, C]
+            grad_features[b].index_copy_(1, pixels, read.t())
+    return grad_features.view(batch_size, c, height, width).to(grad.dtype)
 
 
 @roi_align_backward.register_fake

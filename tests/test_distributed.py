@@ -106,8 +106,10 @@ def test_accumulating_equals_one_larger_batch() -> None:
 
 
 def test_bf16_autocast_trains_and_stays_close_in_inference() -> None:
-    """bf16 on the CPU: finite, decreasing losses over a few steps on one batch; under autocast the
-    inference's boxes and scores stay within a stated tolerance of float32 (RoIAlign, box decoding in fp32)."""
+    """bf16 on the CPU: finite, decreasing losses over a few steps on one batch; under autocast the box head's
+    scores and decoded boxes, for the float32 model's own 10 best detections as fixed boxes, stay within 0.01
+    (probability) and 0.1 px (64x64 images) of float32's (RoIAlign, box decoding in fp32). Fixed boxes, not
+    the detections themselves: NMS and the top-k turn a small change in near-tied scores into another box."""
     cfg = dataclasses.replace(CFG, amp="bf16", lr=0.02)
     model, optimizer, scheduler = _model_and_optimizer(cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -117,22 +119,33 @@ def test_bf16_autocast_trains_and_stays_close_in_inference() -> None:
     model.eval()
     batch = _batch([0, 1])
     with torch.no_grad():
-        reference = model(batch.images, batch.image_sizes)
+        detections = model(batch.images, batch.image_sizes)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed = model(batch.images, batch.image_sizes)
-    assert mixed["boxes"].dtype == torch.float32
-    from torchvision.ops import box_iou
+        assert mixed["boxes"].dtype == torch.float32 and (mixed["num_detections"] > 0).all()
+        counts = detections["num_detections"].clamp(max=10)
+        assert (counts > 0).all()
+        boxes = torch.cat([detections["boxes"][i, :n] for i, n in enumerate(counts.tolist())])
+        batch_index = torch.repeat_interleave(torch.arange(2), counts)
+        scores, decoded = _box_head(model, batch, boxes, batch_index)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed_scores, mixed_decoded = _box_head(model, batch, boxes, batch_index)
+    assert (mixed_scores - scores).abs().max() <= 0.01  # measured 0.0016
+    assert (mixed_decoded - decoded).abs().max() <= 0.1  # measured 0.0009 px
 
-    for i in range(2):  # 9 of float32's 10 best detections have a bf16 twin: same class, same box and score
-        n, m = int(reference["num_detections"][i]), int(mixed["num_detections"][i])
-        assert n > 0 and m > 0
-        ref_boxes, boxes = reference["boxes"][i, : min(n, 10)], mixed["boxes"][i, :m]
-        iou = box_iou(ref_boxes, boxes)
-        iou[reference["labels"][i, : len(ref_boxes), None] != mixed["labels"][i, None, :m]] = 0
-        best, twin = iou.max(1)
-        score_gap = (reference["scores"][i, : len(ref_boxes)] - mixed["scores"][i, twin]).abs()
-        twins = (best >= 0.95) & (score_gap <= 0.05)
-        assert twins.float().mean() >= 0.9, (best, score_gap)
+
+def _box_head(model, batch, boxes: torch.Tensor, batch_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities [R, K] and decoded boxes [R, K, 4] of the box head for fixed ``boxes``."""
+    from model import box_coder
+    from model.backbone import replicate_edges
+    from model.precision import float32_under_autocast
+    from model.roi_heads import BOX_WEIGHTS
+
+    features = model.backbone(model.normalize(batch.images, batch.image_sizes), batch.image_sizes)
+    heads = model.roi_heads
+    features = [replicate_edges(f, batch.image_sizes, s) for f, s in zip(features, heads.pooled_strides, strict=False)]
+    logits, deltas = map(float32_under_autocast, heads.box_predictor(heads.box_features(features, boxes, batch_index)))
+    return logits.softmax(-1), box_coder.decode(deltas, boxes, BOX_WEIGHTS)
 
 
 def _torchrun(tmp_path: Path, config: TrainConfig, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from model.backbone import POOLED_STRIDES
-from model.roi_align import MultiScaleRoIAlign, adaptive_groups, fpn_level_of_rois, roi_align
+from model.roi_align import MultiScaleRoIAlign, bilinear_map, fpn_level_of_rois, roi_align, sample_counts
 
 
 def _rois() -> torch.Tensor:
@@ -174,10 +174,20 @@ def _reference(sampling_ratio: int, aligned: bool) -> torch.Tensor:
 
 
 def test_adaptive_rois_cover_several_sample_counts():
-    groups = adaptive_groups(_adaptive_rois(), 3, SCALE, POOLED, aligned=True)
-    counts = {samples for samples, _ in groups}
-    assert len(counts) >= 6 and max(max(c) for c in counts) >= 5
-    assert sum(len(index) for _, index in groups) == len(_adaptive_rois()) - 2  # the empty and the inverted RoI
+    samples_h, samples_w = sample_counts(_adaptive_rois(), SCALE, POOLED, 0, aligned=True)
+    counts = set(zip(samples_h.tolist(), samples_w.tolist(), strict=True))
+    assert len(counts) >= 7 and max(max(c) for c in counts) >= 5
+    assert ((samples_h == 0) | (samples_w == 0)).sum() == 2  # the empty and the inverted RoI
+
+
+def test_bilinear_map_rows_are_each_bins_average():
+    """Each bin's weights sum to the share of its samples inside the map (1 for a RoI inside it), over at most
+    4 pixels per sample; a RoI far outside the map has all-zero rows."""
+    rois = torch.tensor([[0, 4.0, 6.0, 30.0, 20.0], [0, -90.0, -90.0, -60.0, -70.0]])
+    columns, weights = bilinear_map(rois, 24, 32, 0.5, (7, 7), (2, 2), aligned=False)
+    assert columns.shape == weights.shape == (2 * 49, 16)
+    assert torch.allclose(weights[:49].sum(1), torch.ones(49)) and not weights[49:].any()
+    assert columns.min() >= 0 and columns.max() < 24 * 32
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
@@ -222,15 +232,6 @@ def test_adaptive_gradcheck_float64(aligned):
     rois = torch.tensor([[0, 1.3, 2.2, 17.9, 6.1], [1, -2.0, 0.5, 4.0, 16.0]], dtype=torch.float64)
     # fast_mode: one random projection of the Jacobian instead of a column per input element.
     assert torch.autograd.gradcheck(lambda f: roi_align(f, rois, 0.9, 3, 2, 0, aligned), (features,), fast_mode=True)
-
-
-def test_adaptive_chunks_give_the_same_result(monkeypatch):
-    """Large adaptive groups are pooled in chunks; the chunk size changes nothing."""
-    features, rois = _smooth_features(), _adaptive_rois()
-    whole = roi_align(features, rois, SCALE, *POOLED, 0, True)
-    monkeypatch.setattr("model.roi_align.MAX_CHUNK_SAMPLES", 1)
-    assert len(adaptive_groups(rois, 3, SCALE, POOLED, True)) == len(rois) - 2  # one RoI per chunk
-    assert torch.equal(roi_align(features, rois, SCALE, *POOLED, 0, True), whole)
 
 
 def test_fpn_level_assignment():
