@@ -49,16 +49,28 @@ def replicate_edges(feature: Tensor, image_sizes: Tensor, stride: int) -> Tensor
     ``extent - 1``. Replicating that one row (and column) makes the padded batch read what the image
     alone reads. Two scatters of one row and one column, not a select over the whole map: at P2 of an
     800x1333 image the map is 17M values, and every full pass over it costs tens of milliseconds.
+
+    Each scatter still writes a new map (and its gradient two more), so in eager PyTorch an axis no image
+    is padded along is left alone; a traced graph (``tracing``) keeps both scatters.
     """
     b, c, h, w = feature.shape
     extent = valid_extent(image_sizes, stride)
+    traced = tracing()
     # With no padding the target is the last row itself: it is overwritten with its own values.
-    last_row = (extent[:, 0] - 1).view(b, 1, 1, 1).expand(b, c, 1, w)
-    first_pad_row = extent[:, 0].clamp(max=h - 1).view(b, 1, 1, 1).expand(b, c, 1, w)
-    feature = feature.scatter(2, first_pad_row, feature.gather(2, last_row))
-    last_col = (extent[:, 1] - 1).view(b, 1, 1, 1).expand(b, c, h, 1)
-    first_pad_col = extent[:, 1].clamp(max=w - 1).view(b, 1, 1, 1).expand(b, c, h, 1)
-    return feature.scatter(3, first_pad_col, feature.gather(3, last_col))
+    if traced or bool((extent[:, 0] < h).any()):
+        last_row = (extent[:, 0] - 1).view(b, 1, 1, 1).expand(b, c, 1, w)
+        first_pad_row = extent[:, 0].clamp(max=h - 1).view(b, 1, 1, 1).expand(b, c, 1, w)
+        feature = feature.scatter(2, first_pad_row, feature.gather(2, last_row))
+    if traced or bool((extent[:, 1] < w).any()):
+        last_col = (extent[:, 1] - 1).view(b, 1, 1, 1).expand(b, c, h, 1)
+        first_pad_col = extent[:, 1].clamp(max=w - 1).view(b, 1, 1, 1).expand(b, c, h, 1)
+        feature = feature.scatter(3, first_pad_col, feature.gather(3, last_col))
+    return feature
+
+
+def tracing() -> bool:
+    """Whether the model is being traced or compiled (export): branches on data are eager-only."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _per_channel(mask: Tensor, channels: int) -> Tensor:
@@ -91,7 +103,7 @@ class PaddingMasks:
     def __init__(self, image_sizes: Tensor):
         self.image_sizes = image_sizes
         self.cache: dict[tuple[str, int, int], Tensor | None] = {}
-        self.eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+        self.eager = not tracing()
         self.host_sizes = image_sizes.tolist() if self.eager else []
 
     def _padded(self, stride: int, height: int, width: int) -> bool:

@@ -44,8 +44,21 @@ def test_replicate_edges_copies_the_last_valid_row_and_column():
 
 
 def test_replicate_edges_without_padding_changes_nothing():
+    """Eager mode returns the map itself (no copy); a trace keeps the scatters, which write the same values."""
     feature = _feature()
-    assert torch.equal(replicate_edges(feature, torch.tensor([[6, 7], [6, 7]]), 1), feature)
+    sizes = torch.tensor([[6, 7], [6, 7]])
+    assert replicate_edges(feature, sizes, 1) is feature
+    traced = torch.jit.trace(lambda f, s: replicate_edges(f, s, 1), (feature, sizes), check_trace=False)
+    assert torch.equal(traced(feature, sizes), feature)
+    assert "scatter" in str(traced.graph)
+
+
+def test_replicate_edges_along_one_padded_axis_only():
+    """Rows padded (extent 4 of 6), columns not: the row is replicated, the columns are left as they are."""
+    feature = _feature()
+    out = replicate_edges(feature, torch.tensor([[16, 28], [24, 28]]), 4)
+    assert torch.equal(out[0, :, 4], feature[0, :, 3]) and torch.equal(out[0, :, :4], feature[0, :, :4])
+    assert torch.equal(out[1], feature[1])
 
 
 def test_masks_leave_a_map_without_padding_alone():
