@@ -259,7 +259,8 @@ def build(cfg: TrainConfig, num_classes: int, device: torch.device, initialize: 
     are NHWC: oneDNN (and cuDNN under autocast) run their convolutions in that layout without reordering
     each input and gradient, and RoIAlign reads each pixel's channels as one row."""
     model, _ = build_network(cfg, num_classes, initialize, verbose)
-    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    model.to(device)
+    model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     return (model, *build_optimizer(cfg, model))
 
 
