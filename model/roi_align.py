@@ -134,7 +134,7 @@ def _image_maps(
     if rois.shape[0] == 0:
         return []
     batch_index = rois[:, 0].long()
-    if (int(batch_index.min()) < 0 or int(batch_index.max()) >= n):
+    if int(batch_index.min()) < 0 or int(batch_index.max()) >= n:
         raise ValueError(f"RoI batch indices must lie in [0, {n}), the feature batch")
     samples_h, samples_w = sample_counts(rois, spatial_scale, pooled, sampling_ratio, aligned)
     key = (batch_index * (int(samples_h.max()) + 1) + samples_h) * (int(samples_w.max()) + 1) + samples_w
@@ -151,7 +151,7 @@ def _image_maps(
         pixels, columns = _compact(torch.cat([c.flatten() for _, c, _ in parts]), height * width)
         row_sizes = torch.cat([torch.full((c.shape[0],), c.shape[1], dtype=torch.int64) for _, c, _ in parts])
         crow = torch.cat([row_sizes.new_zeros(1), row_sizes.cumsum(0)]).to(rois.device)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the products used here are not
+        with warnings.catch_warnings():  # PyTorch calls all of sparse CSR beta; its matrix products are not
             warnings.simplefilter("ignore")
             matrix = torch.sparse_csr_tensor(
                 crow, columns, torch.cat([w.flatten() for _, _, w in parts]),

@@ -74,9 +74,11 @@ def test_outputs_are_fixed_size_and_zero_past_num_detections(arch, mask_size):
 
 
 # How far the mean loss of the last 4 of 24 steps must fall below that of the first 4. The models with a
-# 16-channel stem learn slower: measured 0.41 (R-18-FPN, 32 channels), 0.54-0.57 (R-50-C4) and 0.61 (X-101-FPN)
-# on this scene pair.
-LOSS_DROP = {"r18_fpn": 0.5, "r50_c4": 0.7, "x101_fpn": 0.7}
+# 16-channel stem learn slower: measured 0.43 (R-18-FPN, 32 channels), 0.63 (R-50-C4) and 0.70 (X-101-FPN) on
+# this scene pair with the sparse-product RoIAlign; 0.41, 0.54-0.57 and 0.61 with the grid_sample one before it,
+# whose results lay ten times further from torchvision's (1e-4 against 1e-5 here). 24 SGD steps from random
+# weights carry such rounding a long way, so the bounds leave room for it.
+LOSS_DROP = {"r18_fpn": 0.5, "r50_c4": 0.75, "x101_fpn": 0.8}
 # The slim models sample 32 RoIs per image of 200 proposals (res5 runs on each RoI in the C4 head).
 SLIM_TRAINING = {"box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 200}
 
