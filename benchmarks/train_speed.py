@@ -59,14 +59,13 @@ def models():
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
     from model import build_model
-    from model.train import TrainConfig
+    from model.train import TrainConfig, memory_format
 
     torch.manual_seed(0)
     tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
     ours = build_model("r50_fpn", norm="bn")
     ours.load_state_dict(tv.state_dict())
-    if TrainConfig.channels_last:
-        ours.to(memory_format=torch.channels_last)
+    ours.to(memory_format=memory_format(TrainConfig()))
     tv_nhwc = copy.deepcopy(tv).to(memory_format=torch.channels_last)
     return tv.train(), tv_nhwc.train(), ours.train()
 

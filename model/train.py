@@ -252,6 +252,11 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     return optimizer, scheduler
 
 
+def memory_format(cfg: TrainConfig) -> torch.memory_format:
+    """The layout a run's model is built in (``build``)."""
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
 def build(cfg: TrainConfig, num_classes: int, device: torch.device, initialize: bool = True, verbose: bool = True):
     """Model (on ``device``, in the run's memory layout), optimizer and scheduler of a run.
 
@@ -260,7 +265,7 @@ def build(cfg: TrainConfig, num_classes: int, device: torch.device, initialize: 
     each input and gradient, and RoIAlign reads each pixel's channels as one row."""
     model, _ = build_network(cfg, num_classes, initialize, verbose)
     model.to(device)
-    model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    model.to(memory_format=memory_format(cfg))
     return (model, *build_optimizer(cfg, model))
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from commandline import UsageError
-from model.train import TrainConfig, load_checkpoint, lr_factor, parse_args, train
+from model.train import TrainConfig, build, load_checkpoint, lr_factor, parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {
@@ -71,6 +71,16 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
     path.write_text(json.dumps({"typo_key": 1}))
     with pytest.raises(UsageError, match="typo_key"):
         parse_args(["--config", str(path)])
+
+
+def test_channels_last_flag_sets_the_models_layout() -> None:
+    """On by default: the run's convolutions (and so its activations) are NHWC; --no-channels-last keeps NCHW."""
+    layouts = (torch.channels_last, torch.contiguous_format)
+    for flags, layout, other in (([], *layouts), (["--no-channels-last"], *reversed(layouts))):
+        cfg, _, _ = parse_args(["--synthetic", "4", "--model", json.dumps(TINY_MODEL), *flags])
+        model, _, _ = build(cfg, 3, torch.device("cpu"), verbose=False)
+        weight = model.backbone.body.conv1.weight  # [64, 3, 7, 7]: the two layouts' strides differ
+        assert weight.is_contiguous(memory_format=layout) and not weight.is_contiguous(memory_format=other)
 
 
 @pytest.mark.slow
